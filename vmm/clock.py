@@ -1,0 +1,130 @@
+"""The virtual clock: the single source of time for every timed device.
+
+Every device that needs time (PIT counters, RTC date and periodic interrupt)
+reads ``now_ns()`` and arms ``Timer`` objects here; no device reads the host
+clock itself.  That makes this module the one place where the recorder logs
+clock values and the replayer supplies them.
+
+Invariants:
+* ``now_ns()`` never goes backwards.
+* A timer fires at most once per ``arm()``; ``run_due()`` fires timers in
+  deadline order (ties in arming order), each with the clock already at or
+  past its deadline.
+* Callbacks may arm or cancel any timer, including their own.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from typing import Callable, Optional
+
+
+class Timer:
+    """A one-shot deadline owned by a device; re-arm it for periodic use."""
+
+    __slots__ = ("_clock", "callback", "deadline_ns", "_seq", "name")
+
+    def __init__(self, clock: "Clock", callback: Callable[[], None], name: str = ""):
+        self._clock = clock
+        self.callback = callback
+        self.deadline_ns: Optional[int] = None
+        self._seq = 0
+        self.name = name
+
+    @property
+    def armed(self) -> bool:
+        return self.deadline_ns is not None
+
+    def arm(self, deadline_ns: int) -> None:
+        self._clock._arm(self, int(deadline_ns))
+
+    def cancel(self) -> None:
+        self.deadline_ns = None  # heap entries with a stale sequence are skipped
+
+
+class Clock:
+    """Base clock: timer bookkeeping; subclasses decide what ``now_ns`` is."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, int, Timer]] = []
+        self._seq = itertools.count(1)
+
+    def now_ns(self) -> int:
+        raise NotImplementedError
+
+    def timer(self, callback: Callable[[], None], name: str = "") -> Timer:
+        return Timer(self, callback, name)
+
+    def _arm(self, timer: Timer, deadline_ns: int) -> None:
+        timer.deadline_ns = deadline_ns
+        timer._seq = next(self._seq)
+        heapq.heappush(self._heap, (deadline_ns, timer._seq, timer))
+
+    def _prune(self) -> None:
+        heap = self._heap
+        while heap and heap[0][2]._seq != heap[0][1]:
+            heapq.heappop(heap)
+        while heap and heap[0][2].deadline_ns is None:
+            heapq.heappop(heap)
+            while heap and heap[0][2]._seq != heap[0][1]:
+                heapq.heappop(heap)
+
+    def next_deadline(self) -> Optional[int]:
+        """The earliest armed deadline, or None when no timer is armed."""
+        self._prune()
+        return self._heap[0][0] if self._heap else None
+
+    def run_due(self, now_ns: Optional[int] = None) -> int:
+        """Fire every timer whose deadline is at or before ``now_ns``.
+
+        Returns the number of callbacks run.
+        """
+        if now_ns is None:
+            now_ns = self.now_ns()
+        fired = 0
+        while True:
+            self._prune()
+            if not self._heap or self._heap[0][0] > now_ns:
+                return fired
+            _, _, timer = heapq.heappop(self._heap)
+            timer.deadline_ns = None
+            timer.callback()
+            fired += 1
+
+
+class HostClock(Clock):
+    """Live time: nanoseconds of host CLOCK_MONOTONIC since the machine started."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._origin = time.monotonic_ns()
+
+    def now_ns(self) -> int:
+        return time.monotonic_ns() - self._origin
+
+
+class ManualClock(Clock):
+    """A clock that moves only when told: for device tests and replay."""
+
+    def __init__(self, start_ns: int = 0) -> None:
+        super().__init__()
+        self._now = start_ns
+
+    def now_ns(self) -> int:
+        return self._now
+
+    def advance(self, delta_ns: int) -> int:
+        """Move time forward, firing due timers in order at their own deadlines."""
+        if delta_ns < 0:
+            raise ValueError("the clock cannot go backwards")
+        target = self._now + delta_ns
+        fired = 0
+        while True:
+            deadline = self.next_deadline()
+            if deadline is None or deadline > target:
+                break
+            self._now = max(self._now, deadline)
+            fired += self.run_due(self._now)
+        self._now = target
+        return fired
