@@ -29,8 +29,6 @@
 #ifndef RRSTUB_MACHINE_H
 #define RRSTUB_MACHINE_H
 
-#include <stdint.h>
-
 /* ---- boot ---- */
 #define RRSTUB_BOOT_GDT          0x1000
 #define RRSTUB_BOOT_INFO         0x7000
@@ -38,7 +36,10 @@
 #define RRSTUB_BOOT_PML4         0x9000
 #define RRSTUB_BOOT_STACK_TOP    0x80000
 #define RRSTUB_KERNEL_MIN_PADDR  0x100000
-#define RRSTUB_BOOT_MAGIC        0x544f4f4254535252ull   /* "RRSTBOOT" */
+#define RRSTUB_BOOT_MAGIC        0x544f4f4254535252   /* "RRSTBOOT" */
+
+#ifndef __ASSEMBLER__
+#include <stdint.h>
 
 struct rrstub_boot_info {
     uint64_t magic;        /* RRSTUB_BOOT_MAGIC */
@@ -50,6 +51,7 @@ struct rrstub_boot_info {
     uint64_t free_start;   /* first free physical byte, 4 KiB aligned */
     uint64_t cmdline;      /* physical address of the command line */
 };
+#endif
 
 /* ---- I/O ports and IRQ lines ---- */
 #define RRSTUB_PIC_MASTER   0x20    /* 8259A, ports 0x20-0x21 */
@@ -77,9 +79,10 @@ struct rrstub_boot_info {
  * RRSTUB_HC_UNKNOWN.
  */
 #define RRSTUB_HC_VERSION   0       /* returns RRSTUB_HC_VERSION_VALUE */
-#define RRSTUB_HC_VERSION_VALUE 0x5252535400000001ull  /* "RRST" << 32 | 1 */
-#define RRSTUB_HC_UNKNOWN   0xffffffffffffffffull
+#define RRSTUB_HC_VERSION_VALUE 0x5252535400000001  /* "RRST" << 32 | 1 */
+#define RRSTUB_HC_UNKNOWN   0xffffffffffffffff
 
+#ifndef __ASSEMBLER__
 static inline void outb(uint16_t port, uint8_t v) { __asm__ volatile("outb %0, %1" :: "a"(v), "Nd"(port)); }
 static inline void outw(uint16_t port, uint16_t v) { __asm__ volatile("outw %0, %1" :: "a"(v), "Nd"(port)); }
 static inline void outl(uint16_t port, uint32_t v) { __asm__ volatile("outl %0, %1" :: "a"(v), "Nd"(port)); }
@@ -104,5 +107,6 @@ static inline __attribute__((noreturn)) void rrstub_exit(uint8_t status)
     for (;;)
         __asm__ volatile("cli; hlt");
 }
+#endif
 
 #endif

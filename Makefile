@@ -1,0 +1,36 @@
+# Two entry points for a fresh clone: `make demo` and `make test`.
+# Both create .venv, install rrstub (building native/ with cffi) and build
+# the example kernels first.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: all setup kernels demo test bench doctor clean
+
+all: setup
+
+setup: $(STAMP) kernels
+
+$(STAMP): pyproject.toml setup.py native/build.py native/rrnative.c native/rrnative.h
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+kernels:
+	$(MAKE) --no-print-directory -C examples
+
+demo: setup
+	bash examples/demo.sh
+
+test: setup
+	$(VENV)/bin/python -m pytest
+
+bench: setup
+	$(VENV)/bin/python benchmarks/vmm.py
+
+doctor: setup
+	$(VENV)/bin/rrstub doctor
+
+clean:
+	$(MAKE) --no-print-directory -C examples clean
+	rm -rf $(VENV) build *.egg-info vmm/_native*.so vmm/_native.c

@@ -1,0 +1,53 @@
+/*
+ * ticks: timer interrupts arriving in the middle of pure computation.
+ *
+ * The PIT ticks at 1 kHz and the IRQ 0 handler counts into `ticks`, while
+ * busy_work() runs a loop that never leaves the guest on its own: no port
+ * I/O, no hlt.  Only the timer takes the CPU away from it, so a recorder
+ * must note the exact instruction each interrupt landed on for a replay to
+ * deliver it there again.
+ *
+ * Prints "ticks: N work: 0x...": N varies with host timing, the work
+ * result never does.  Exits 0 if at least one tick arrived, 1 if none.
+ */
+#include "kernel.h"
+
+#define TICK_HZ          1000
+#define WORK_ITERATIONS  65000      /* 12 instructions each: ~0.5 s at 1.6 M/s */
+
+volatile unsigned ticks;
+
+static struct trap_frame *count_tick(struct trap_frame *frame)
+{
+    ticks++;
+    return frame;
+}
+
+/* xorshift32: cheap, and nothing the compiler can fold into a constant. */
+__attribute__((noinline)) uint32_t busy_work(unsigned iterations)
+{
+    uint32_t x = 0x2545F491;
+    for (unsigned i = 0; i < iterations; i++) {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+    }
+    return x;
+}
+
+int kmain(const struct rrstub_boot_info *boot)
+{
+    (void)boot;
+    uart_init(0);
+    trap_init();
+    irq_attach(RRSTUB_IRQ_PIT, count_tick);
+    pit_start_periodic(TICK_HZ);
+
+    irq_enable();
+    uint32_t result = busy_work(WORK_ITERATIONS);
+    irq_disable();
+
+    unsigned seen = ticks;
+    kprintf("ticks: %u work: %#010x\n", seen, result);
+    return seen > 0 ? EXIT_OK : EXIT_FAILED;
+}

@@ -1,0 +1,5 @@
+import sys
+
+from rrstub.cli import main
+
+sys.exit(main())

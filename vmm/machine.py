@@ -1,0 +1,385 @@
+"""The rrstub machine: one vCPU, guest RAM, and our userspace PC devices.
+
+Owns the wiring (which device sits at which port and IRQ line), the run loop
+and exit dispatch, interrupt injection, halting, serial input, and the
+reports a user sees when the guest dies.
+
+Invariants:
+* No KVM in-kernel device is used: every interrupt comes from our PIC and is
+  injected with KVM_INTERRUPT at an open interrupt window.
+* Every timed device reads ``self.clock``; a timer that falls due while the
+  guest runs without exiting kicks the vCPU out of KVM_RUN (deadline timer
+  in native/rrnative.c), so timers fire even in a busy guest.
+* Serial input never overruns the UART: bytes wait in ``SerialInput`` until
+  the FIFO has room (back-pressure), and only enter the guest at an exit.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import BinaryIO, Callable, Optional
+
+from vmm import boot
+from vmm.bus import PortBus
+from vmm.clock import HostClock
+from vmm.devices.hypercall import HYPERCALL_PORT, HypercallPort
+from vmm.devices.misc import DebugExit, I8042, PostCode
+from vmm.devices.pic import PicPair
+from vmm.devices.pit import Pit8254
+from vmm.devices.rtc import CmosRtc
+from vmm.devices.serial import Serial16550
+from vmm.diagnostics import disassemble_one, format_exits, format_registers
+from vmm.kvm import (Debug, FailEntry, Hlt, InternalError, Interrupted, IoIn, IoOut,
+                     IrqWindowOpen, Kvm, MmioRead, MmioWrite, Shutdown, SystemEvent,
+                     UnknownExit, Vcpu, host_monotonic_ns, kick)
+from vmm.memory import GuestMemory
+from vmm.paging import PageFault, read_virtual, virt_to_phys
+
+PIC_MASTER = 0x20
+PIC_SLAVE = 0xA0
+PIT_BASE, PIT_IRQ = 0x40, 0
+I8042_BASE = 0x60
+RTC_BASE, RTC_IRQ = 0x70, 8
+POST_PORT = 0x80
+DEBUG_EXIT_PORT = 0xF4
+COM1, COM1_IRQ = 0x3F8, 4
+
+DEFAULT_MEM = 64 << 20
+RECENT_EXITS = 16
+
+# `rrstub run` exit statuses for outcomes that are not the guest's own.
+EXIT_CRASH = 70      # triple fault, emulation failure, KVM internal error
+EXIT_HUNG = 71       # halted with no way to wake up
+EXIT_TIMEOUT = 124   # still running at --timeout (as timeout(1))
+
+
+class MachineError(Exception):
+    """The machine stopped for a reason that is not the guest's choice."""
+
+    exit_code = EXIT_CRASH
+
+
+class GuestCrashed(MachineError):
+    exit_code = EXIT_CRASH
+
+
+class GuestHung(MachineError):
+    exit_code = EXIT_HUNG
+
+
+class GuestTimeout(MachineError):
+    exit_code = EXIT_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    reason: str          # "exit": debug-exit port; "reset": i8042 reset line
+    status: int          # the value the guest wrote to the debug-exit port (0 on reset)
+    exits: int           # KVM exits handled
+    guest_ns: int        # virtual time at the stop
+
+
+class SerialInput:
+    """Host bytes waiting to enter the UART, read from a file or pipe by a thread."""
+
+    def __init__(self, source: BinaryIO, wake: threading.Event):
+        self._source = source
+        self._wake = wake
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._lock = threading.Lock()
+        self.eof = False
+        self._thread = threading.Thread(target=self._reader, name="serial-input", daemon=True)
+        self._thread.start()
+
+    def _reader(self) -> None:
+        fd = self._source.fileno()
+        try:
+            while True:
+                data = os.read(fd, 4096)
+                if not data:
+                    break
+                with self._lock:
+                    self._chunks.append(data)
+                self._wake.set()
+                kick()
+        except OSError:
+            pass
+        self.eof = True
+        self._wake.set()
+        kick()
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._chunks)
+
+    def take(self, limit: int) -> bytes:
+        with self._lock:
+            if not self._chunks:
+                return b""
+            head = self._chunks[0]
+            if len(head) <= limit:
+                return self._chunks.popleft()
+            self._chunks[0] = head[limit:]
+            return head[:limit]
+
+    def give_back(self, data: bytes) -> None:
+        if data:
+            with self._lock:
+                self._chunks.appendleft(data)
+
+
+class SerialOutput:
+    """Guest UART bytes to a host stream, flushed at line ends and when the guest idles."""
+
+    def __init__(self, stream: BinaryIO):
+        self._stream = stream
+        self.bytes = 0
+
+    def __call__(self, data: bytes) -> None:
+        self._stream.write(data)
+        self.bytes += len(data)
+        if b"\n" in data:
+            self._stream.flush()
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+
+
+class Machine:
+    def __init__(self, kernel: boot.KernelImage, mem_size: int = DEFAULT_MEM, cmdline: str = "",
+                 serial_in: Optional[BinaryIO] = None, serial_out: Optional[BinaryIO] = None,
+                 warn: Callable[[str], None] = lambda msg: print(f"rrstub: {msg}", file=sys.stderr),
+                 kvm: Optional[Kvm] = None):
+        self.kernel = kernel
+        self.warn = warn
+        self.kvm = kvm or Kvm()
+        self._own_kvm = kvm is None
+        self.vm = self.kvm.create_vm()
+        self.mem = GuestMemory(mem_size)
+        self.vm.set_user_memory_region(0, 0, mem_size, self.mem.host_addr)
+        self.vcpu: Vcpu = self.vm.create_vcpu(0)
+        self.vcpu.set_cpuid(self.kvm.supported_cpuid())
+        regs, sregs = boot.load(self.mem, kernel, self.vcpu.get_sregs(), cmdline)
+        self.vcpu.set_sregs(sregs)
+        self.vcpu.set_regs(regs)
+
+        self.clock = HostClock()
+        self._wake = threading.Event()
+        self._stop: Optional[tuple[str, int]] = None
+        self.exits = 0
+        self.recent_exits: collections.deque = collections.deque(maxlen=RECENT_EXITS)
+
+        self.pic = PicPair()
+        self.serial_out = SerialOutput(serial_out if serial_out is not None else sys.stdout.buffer)
+        self.serial = Serial16550(lambda level: self.pic.set_irq(COM1_IRQ, level), self.serial_out)
+        self.pit = Pit8254(self.clock, lambda level: self.pic.set_irq(PIT_IRQ, level))
+        self.rtc = CmosRtc(self.clock, lambda level: self.pic.set_irq(RTC_IRQ, level), time.time_ns())
+        self.hypercalls = HypercallPort(self.vcpu.get_regs, self.vcpu.set_regs, warn)
+        self.bus = PortBus()
+        self.bus.insert(self.pic.master, PIC_MASTER, 2)
+        self.bus.insert(self.pic.slave, PIC_SLAVE, 2)
+        self.bus.insert(self.pit, PIT_BASE, 4)
+        self.bus.insert(I8042(self._on_reset), I8042_BASE, 5)
+        self.bus.insert(self.rtc, RTC_BASE, 2)
+        self.bus.insert(PostCode(), POST_PORT, 1)
+        self.bus.insert(DebugExit(self._on_debug_exit), DEBUG_EXIT_PORT, 1)
+        self.bus.insert(self.serial, COM1, 8)
+        self.bus.insert(self.hypercalls, HYPERCALL_PORT, 4)
+
+        self.serial_in = SerialInput(serial_in, self._wake) if serial_in is not None else None
+        self._window_requested = False
+        self._end_ns: Optional[int] = None
+
+    # -- device callbacks --------------------------------------------------
+    def _on_debug_exit(self, value: int) -> None:
+        self._stop = ("exit", value)
+
+    def _on_reset(self) -> None:
+        self._stop = ("reset", 0)
+
+    # -- the run loop --------------------------------------------------------
+    def run(self, timeout: Optional[float] = None) -> RunResult:
+        """Run until the guest exits or resets; raise MachineError otherwise."""
+        vcpu, clock, pic = self.vcpu, self.clock, self.pic
+        vcpu.attach_kicks()
+        end_ns = self._end_ns = None if timeout is None else clock.now_ns() + int(timeout * 1e9)
+        handlers = {
+            IoOut: self._on_io_out, IoIn: self._on_io_in, Hlt: self._on_hlt,
+            Interrupted: _ignore, IrqWindowOpen: _ignore,
+            MmioRead: self._on_mmio_read, MmioWrite: _ignore,
+            Shutdown: self._on_shutdown, InternalError: self._on_internal_error,
+            FailEntry: self._on_fail_entry, Debug: self._on_unexpected,
+            SystemEvent: self._on_system_event, UnknownExit: self._on_unexpected,
+        }
+        origin = clock._origin
+        recent = self.recent_exits
+        try:
+            while self._stop is None:
+                clock.run_due()
+                if self.serial_in is not None and self.serial_in.pending:
+                    self._feed_serial()
+                self._inject()
+                deadline = clock.next_deadline()
+                if end_ns is not None and (deadline is None or end_ns < deadline):
+                    deadline = end_ns
+                exit = vcpu.run(0 if deadline is None else origin + deadline)
+                self.exits += 1
+                recent.append(exit)
+                handlers[type(exit)](exit)
+                if end_ns is not None and clock.now_ns() >= end_ns and self._stop is None:
+                    raise GuestTimeout(self._timeout_report(timeout))
+        finally:
+            self.serial_out.flush()
+        reason, status = self._stop
+        return RunResult(reason, status, self.exits, clock.now_ns())
+
+    def _inject(self) -> None:
+        vcpu, pic = self.vcpu, self.pic
+        want = pic.has_interrupt()
+        if want and vcpu.ready_for_injection and vcpu.if_flag:
+            vcpu.interrupt(pic.acknowledge())
+            vcpu.ready_for_injection = False
+            want = pic.has_interrupt()
+        if want != self._window_requested:
+            vcpu.request_interrupt_window(want)
+            self._window_requested = want
+
+    def _feed_serial(self) -> None:
+        room = self.serial.rx_room()
+        if room:
+            data = self.serial_in.take(room)
+            accepted = self.serial.receive(data)
+            self.serial_in.give_back(data[accepted:])
+
+    # -- exit handlers --------------------------------------------------------
+    def _on_io_out(self, exit: IoOut) -> None:
+        size, data, write = exit.size, exit.data, self.bus.write
+        if exit.count == 1:
+            write(exit.port, size, int.from_bytes(data, "little"))
+        else:
+            for i in range(0, len(data), size):
+                write(exit.port, size, int.from_bytes(data[i:i + size], "little"))
+
+    def _on_io_in(self, exit: IoIn) -> None:
+        size, read = exit.size, self.bus.read
+        data = b"".join(read(exit.port, size).to_bytes(size, "little") for _ in range(exit.count))
+        self.vcpu.complete_io_in(data)
+
+    def _on_mmio_read(self, exit: MmioRead) -> None:
+        self.vcpu.complete_mmio_read(b"\xff" * exit.length)
+
+    def _on_hlt(self, exit: Hlt) -> None:
+        if not self.vcpu.if_flag:
+            raise GuestHung(self._report(
+                "the guest halted with interrupts disabled (cli; hlt): nothing can wake it up. "
+                "A kernel that is done should write its exit status to the debug-exit port 0xf4."))
+        self.serial_out.flush()
+        clock = self.clock
+        while self._stop is None:
+            clock.run_due()
+            if self.serial_in is not None and self.serial_in.pending:
+                self._feed_serial()
+            if self.pic.has_interrupt():
+                return
+            deadline = clock.next_deadline()
+            input_possible = self.serial_in is not None and not self.serial_in.eof
+            if deadline is None and not input_possible:
+                raise GuestHung(self._report(
+                    "the guest halted waiting for an interrupt, but no timer is armed and no more "
+                    "serial input can arrive (give it input with --serial-in, or check its PIC masks)"))
+            if self._end_ns is not None:
+                if clock.now_ns() >= self._end_ns:
+                    return  # run() reports the timeout
+                deadline = self._end_ns if deadline is None else min(deadline, self._end_ns)
+            wait = None if deadline is None else max(0, deadline - clock.now_ns()) / 1e9
+            self._wake.wait(wait)
+            self._wake.clear()
+
+    def _on_shutdown(self, exit: Shutdown) -> None:
+        raise GuestCrashed(self._report(
+            "the guest triple-faulted (KVM_EXIT_SHUTDOWN): an exception occurred while it could "
+            "not deliver exceptions, typically no valid IDT, a bad stack, or a fault in the "
+            "double-fault handler"))
+
+    def _on_internal_error(self, exit: InternalError) -> None:
+        if exit.is_emulation_failure:
+            regs, sregs = self.vcpu.get_regs(), self.vcpu.get_sregs()
+            try:
+                paddr = virt_to_phys(self.mem, sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer, regs.rip)
+            except PageFault:
+                paddr = None
+            if paddr is not None and paddr >= self.mem.size:
+                raise GuestCrashed(self._report(
+                    f"the guest jumped to rip {regs.rip:#x} (physical {paddr:#x}), which is not "
+                    f"guest RAM (RAM ends at {self.mem.size:#x}): KVM found no instruction to "
+                    "execute there (KVM internal error: emulation failure)"))
+            raise GuestCrashed(self._report(
+                "the host KVM could not emulate a guest instruction (KVM internal error: "
+                "emulation failure).", instruction=True,
+                advice="This host's KVM emulates guest kernel code and does not support this "
+                       "instruction (run `rrstub doctor` to see what the host can do); run the "
+                       "guest on a host with hardware virtualization (VMX/SVM) or avoid the "
+                       "instruction in the guest."))
+        raise GuestCrashed(self._report(
+            f"KVM internal error, suberror {exit.suberror}, data "
+            f"{' '.join(f'{d:#x}' for d in exit.data) or '(none)'}", instruction=True))
+
+    def _on_fail_entry(self, exit: FailEntry) -> None:
+        raise GuestCrashed(self._report(
+            f"KVM could not enter the guest (hardware entry failure reason {exit.hardware_reason:#x}): "
+            "the vCPU state is invalid"))
+
+    def _on_system_event(self, exit: SystemEvent) -> None:
+        self._stop = ("reset", 0)
+
+    def _on_unexpected(self, exit) -> None:
+        raise GuestCrashed(self._report(f"unexpected KVM exit {exit!r}"))
+
+    # -- reports ----------------------------------------------------------------
+    def _instruction_text(self, regs, sregs) -> str:
+        try:
+            code = read_virtual(self.mem, sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer, regs.rip, 15)
+        except PageFault as e:
+            return f"  instruction bytes unavailable: {e}"
+        text, length = disassemble_one(code, regs.rip)
+        shown = code[:length] if length else code[:8]
+        return f"  instruction at rip {regs.rip:#x} (CPL{sregs.cpl}): {shown.hex(' ')}    {text}"
+
+    def _report(self, what: str, instruction: bool = False, advice: str = "") -> str:
+        regs, sregs = self.vcpu.get_regs(), self.vcpu.get_sregs()
+        parts = [what]
+        if instruction:
+            parts.append(self._instruction_text(regs, sregs))
+        if advice:
+            parts.append(advice)
+        parts.append("registers:\n" + format_registers(regs, sregs))
+        parts.append(f"last {len(self.recent_exits)} of {self.exits} exits (oldest first):\n"
+                     + format_exits(self.recent_exits))
+        return "\n".join(parts)
+
+    def _timeout_report(self, timeout: float) -> str:
+        return self._report(f"the guest was still running after --timeout {timeout:g} s "
+                            f"({self.exits} exits, {self.serial_out.bytes} serial bytes out)")
+
+    def close(self) -> None:
+        self.vm.close()
+        self.mem.close()
+        if self._own_kvm:
+            self.kvm.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _ignore(exit) -> None:
+    pass
