@@ -26,7 +26,7 @@ test: setup
 	$(VENV)/bin/python -m pytest
 
 bench: setup
-	$(VENV)/bin/python benchmarks/vmm.py
+	$(VENV)/bin/python benchmarks/vmm_bench.py
 
 doctor: setup
 	$(VENV)/bin/rrstub doctor

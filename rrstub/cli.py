@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(the base for recording, replaying and reverse-debugging them).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Start with `rrstub doctor` to see what this host's KVM supports, then "
-               "`rrstub run examples/build/hello.elf`. `rrstub COMMAND --help` explains each command.")
+               "`rrstub run examples/build/hello.elf`. `rrstub COMMAND --help` explains each "
+               "command.\n\nenvironment:\n  RRSTUB_KVM_DEVICE  the KVM device node (default /dev/kvm)")
     p.add_argument("--version", action="version", version=f"rrstub {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -96,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Probe /dev/kvm live and print what this host supports.",
                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=DOCTOR_EPILOG)
     doc.add_argument("--json", action="store_true", help="print the report as JSON")
-    doc.add_argument("--device", default="/dev/kvm", metavar="PATH", help="KVM device (default /dev/kvm)")
+    doc.add_argument("--device", metavar="PATH",
+                     help="KVM device (default $RRSTUB_KVM_DEVICE, else /dev/kvm)")
     return p
 
 

@@ -1,7 +1,6 @@
 """Shared fixtures and the KVM policy for the test suite.
 
-Tests that need /dev/kvm use the ``kvm`` marker (or the ``kvm_device``
-fixture).  When KVM is missing they FAIL under CI=true, and skip with the
+Tests that need /dev/kvm (or $RRSTUB_KVM_DEVICE) use the ``kvm`` marker.  When KVM is missing they FAIL under CI=true, and skip with the
 reason otherwise: a CI machine without KVM must not look green.
 """
 from __future__ import annotations
@@ -13,12 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from vmm.kvm import default_kvm_path
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "build"
-KVM_DEVICE = os.environ.get("RRSTUB_TEST_KVM_DEVICE", "/dev/kvm")
 
 
-def kvm_unavailable_reason(path: str = KVM_DEVICE) -> str | None:
+def kvm_unavailable_reason(path: str | None = None) -> str | None:
+    path = path or default_kvm_path()
     if not os.path.exists(path):
         return f"{path} does not exist"
     if not os.access(path, os.R_OK | os.W_OK):

@@ -73,6 +73,11 @@ class KernelImage:
     def end(self) -> int:
         return max(s.paddr + s.memsz for s in self.segments)
 
+    @classmethod
+    def from_code(cls, code: bytes, name: str, paddr: int = KERNEL_MIN_PADDR) -> "KernelImage":
+        """Raw machine code as a one-segment kernel entered at its first byte (probes, benchmarks)."""
+        return cls(name, paddr, (LoadSegment(paddr, paddr, code, len(code)),))
+
 
 def parse_elf(data: bytes, path: str = "<kernel>") -> KernelImage:
     """Parse an ELF64 x86-64 executable; every problem is a BootError."""

@@ -49,6 +49,9 @@ class Clock:
     def __init__(self) -> None:
         self._heap: list[tuple[int, int, Timer]] = []
         self._seq = itertools.count(1)
+        # While a callback runs: the deadline it was armed for, so a callback
+        # (or whoever it calls) can tell how late it fires.
+        self.firing_deadline_ns: Optional[int] = None
 
     def now_ns(self) -> int:
         raise NotImplementedError
@@ -87,9 +90,13 @@ class Clock:
             self._prune()
             if not self._heap or self._heap[0][0] > now_ns:
                 return fired
-            _, _, timer = heapq.heappop(self._heap)
+            deadline, _, timer = heapq.heappop(self._heap)
             timer.deadline_ns = None
-            timer.callback()
+            self.firing_deadline_ns = deadline
+            try:
+                timer.callback()
+            finally:
+                self.firing_deadline_ns = None
             fired += 1
 
 

@@ -15,7 +15,12 @@ from typing import Iterable, Optional, Union
 from vmm._native import ffi, lib
 
 KVM_API_VERSION = 12
-KVM_PATH = "/dev/kvm"
+KVM_DEVICE_ENV = "RRSTUB_KVM_DEVICE"
+
+
+def default_kvm_path() -> str:
+    """/dev/kvm, unless the environment names another device node."""
+    return os.environ.get(KVM_DEVICE_ENV) or "/dev/kvm"
 
 
 class KvmError(Exception):
@@ -264,7 +269,8 @@ def _cpuid2(entries: Iterable[CpuidEntry]):
 class Kvm:
     """The /dev/kvm system fd."""
 
-    def __init__(self, path: str = KVM_PATH):
+    def __init__(self, path: str | None = None):
+        path = path or default_kvm_path()
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:

@@ -176,7 +176,10 @@ class Machine:
         self.exits = 0
         self.recent_exits: collections.deque = collections.deque(maxlen=RECENT_EXITS)
 
-        self.pic = PicPair()
+        # The PIC tells us when its INT output changes, so the loop tests a
+        # flag per exit instead of rescanning priorities.
+        self._intr = False
+        self.pic = PicPair(self._on_intr)
         self.serial_out = SerialOutput(serial_out if serial_out is not None else sys.stdout.buffer)
         self.serial = Serial16550(lambda level: self.pic.set_irq(COM1_IRQ, level), self.serial_out)
         self.pit = Pit8254(self.clock, lambda level: self.pic.set_irq(PIT_IRQ, level))
@@ -198,6 +201,9 @@ class Machine:
         self._end_ns: Optional[int] = None
 
     # -- device callbacks --------------------------------------------------
+    def _on_intr(self, level: bool) -> None:
+        self._intr = level
+
     def _on_debug_exit(self, value: int) -> None:
         self._stop = ("exit", value)
 
@@ -207,7 +213,7 @@ class Machine:
     # -- the run loop --------------------------------------------------------
     def run(self, timeout: Optional[float] = None) -> RunResult:
         """Run until the guest exits or resets; raise MachineError otherwise."""
-        vcpu, clock, pic = self.vcpu, self.clock, self.pic
+        vcpu, clock = self.vcpu, self.clock
         vcpu.attach_kicks()
         end_ns = self._end_ns = None if timeout is None else clock.now_ns() + int(timeout * 1e9)
         handlers = {
@@ -241,12 +247,12 @@ class Machine:
         return RunResult(reason, status, self.exits, clock.now_ns())
 
     def _inject(self) -> None:
-        vcpu, pic = self.vcpu, self.pic
-        want = pic.has_interrupt()
+        vcpu = self.vcpu
+        want = self._intr
         if want and vcpu.ready_for_injection and vcpu.if_flag:
-            vcpu.interrupt(pic.acknowledge())
+            vcpu.interrupt(self.pic.acknowledge())
             vcpu.ready_for_injection = False
-            want = pic.has_interrupt()
+            want = self._intr
         if want != self._window_requested:
             vcpu.request_interrupt_window(want)
             self._window_requested = want
@@ -286,7 +292,7 @@ class Machine:
             clock.run_due()
             if self.serial_in is not None and self.serial_in.pending:
                 self._feed_serial()
-            if self.pic.has_interrupt():
+            if self._intr:
                 return
             deadline = clock.next_deadline()
             input_possible = self.serial_in is not None and not self.serial_in.eof

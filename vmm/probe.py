@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 
 from vmm import boot
-from vmm.kvm import (Debug, Interrupted, InternalError, IoOut, Kvm, KvmError, Shutdown, Vcpu,
+from vmm.kvm import (Debug, default_kvm_path, Interrupted, InternalError, IoOut, Kvm, KvmError, Shutdown, Vcpu,
                      host_monotonic_ns)
 from vmm.memory import GuestMemory
 from vmm._native import lib
@@ -102,7 +102,7 @@ class ProbeVm:
         if cpuid_edit:
             cpuid = [cpuid_edit(e) for e in cpuid]
         self.vcpu.set_cpuid(cpuid)
-        image = boot.KernelImage("<probe>", CODE_BASE, (boot.LoadSegment(CODE_BASE, CODE_BASE, code, len(code)),))
+        image = boot.KernelImage.from_code(code, "<probe>", CODE_BASE)
         regs, sregs = boot.load(self.mem, image, self.vcpu.get_sregs())
         if cpl3:
             sregs, regs = _user_mode(self.mem, sregs, regs)
@@ -300,7 +300,7 @@ CAPS = ("IMMEDIATE_EXIT", "SET_GUEST_DEBUG", "XSAVE", "VCPU_EVENTS", "DEBUGREGS"
         "MANUAL_DIRTY_LOG_PROTECT2", "TSC_CONTROL")
 
 
-def probe_host(path: str = "/dev/kvm", progress=lambda msg: None) -> HostReport:
+def probe_host(path: str | None = None, progress=lambda msg: None) -> HostReport:
     with Kvm(path) as kvm:
         caps = {c: kvm.check_extension(getattr(lib, f"KVM_CAP_{c}")) > 0 for c in CAPS}
         progress("single-step at CPL0")
@@ -327,7 +327,7 @@ def probe_host(path: str = "/dev/kvm", progress=lambda msg: None) -> HostReport:
         if not cpuid.works:
             notes.append("CPUID masking is ignored at CPL0: rdtsc/rdrand/cpuid must be intercepted "
                          "by single-stepping to be deterministic")
-        return HostReport(path, 12, _kvm_module(), _cpu_virtualization(), caps, ss0, ss3, hwbp, swbp,
+        return HostReport(path or default_kvm_path(), 12, _kvm_module(), _cpu_virtualization(), caps, ss0, ss3, hwbp, swbp,
                           watch, cpuid, pmu, rate, raw_us, exit_us, step_us, notes)
 
 
