@@ -23,4 +23,4 @@ for i in 1 2 3; do
     fi
 done
 printf '\nThree live runs of the same kernel, different lost-update counts.\n'
-printf 'Record one of them, and it can be replayed and debugged exactly (coming next).\n'
+printf 'Recording one run and replaying it exactly is the next layer of rrstub.\n'

@@ -20,7 +20,7 @@ from vmm.memory import GuestMemory
 BOOT_GDT = 0x1000
 BOOT_INFO = 0x7000
 BOOT_CMDLINE = 0x7100
-BOOT_CMDLINE_MAX = 0x8000 - BOOT_CMDLINE - 256  # 3840 bytes, NUL included
+BOOT_CMDLINE_MAX = 0x8000 - BOOT_CMDLINE  # 3840 bytes, NUL included
 BOOT_PML4 = 0x9000
 BOOT_PDPT_LOW = 0xA000
 BOOT_PD_LOW = 0xB000          # four page directories: 0xB000..0xEFFF
@@ -108,10 +108,12 @@ def parse_elf(data: bytes, path: str = "<kernel>") -> KernelImage:
     for i in range(e_phnum):
         p_type, _flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, _align = \
             _PHDR.unpack_from(data, e_phoff + i * _PHDR.size)
-        if p_type != PT_LOAD or p_memsz == 0:
+        if p_type != PT_LOAD:
             continue
         if p_filesz > p_memsz:
             raise bad(f"segment {i}: file size {p_filesz:#x} exceeds memory size {p_memsz:#x}")
+        if p_memsz == 0:
+            continue
         if p_offset + p_filesz > len(data):
             raise bad(f"segment {i}: data at file offset {p_offset:#x}+{p_filesz:#x} runs past "
                       f"the end of the file ({len(data):#x} bytes): truncated kernel?")

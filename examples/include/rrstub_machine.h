@@ -64,7 +64,11 @@ struct rrstub_boot_info {
 #define RRSTUB_RTC_DATA     0x71
 #define RRSTUB_POST         0x80    /* POST code / I/O delay, no side effect */
 #define RRSTUB_DEBUG_EXIT   0xF4    /* 8-bit write: the value is the exit status */
-#define RRSTUB_COM1         0x3F8   /* 16550A UART, IRQ 4 */
+/* 16550A UART, IRQ 4.  Host input enters the receiver only while the guest
+ * asserts RTS (MCR bit 1, RS-232 hardware flow control) and the FIFO has
+ * room, so configure the UART (FIFO on) before raising RTS and no byte is
+ * lost; the IRQ reaches the PIC only while MCR.OUT2 is set, as on a PC. */
+#define RRSTUB_COM1         0x3F8
 #define RRSTUB_HYPERCALL    0x510   /* 32-bit out: EAX = function number */
 
 #define RRSTUB_IRQ_PIT      0

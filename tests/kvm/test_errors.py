@@ -1,9 +1,14 @@
 """Errors a user can act on, from real guests: each names what happened and what to do."""
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 
-from conftest import rrstub
+from conftest import ROOT, rrstub
 from elfgen import make_elf
 from vmm.devices.hypercall import HC_VERSION_VALUE
 from vmm.kvm import Kvm
@@ -110,3 +115,13 @@ def test_kernel_that_does_not_fit_in_memory(tmp_path):
     assert b"--mem" in r.stderr
     r = rrstub("run", kernel(tmp_path, b"\xe6\xf4", memsz=100 << 20), "--mem", "256M", "--quiet")
     assert r.returncode == 0, r.stderr
+
+
+def test_ctrl_c_stops_a_running_guest(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "rrstub", "run", kernel(tmp_path, b"\xeb\xfe")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(1.0)  # past interpreter start-up: the guest is spinning in KVM_RUN
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130
+    assert err == b"rrstub: interrupted\n"
