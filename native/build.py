@@ -1,8 +1,10 @@
 """cffi (API mode) build of vmm._native: the KVM ABI and rrnative's C hot paths.
 
 This cdef is the one place that names KVM ioctl numbers and kernel structs;
-the C compiler checks every layout against <linux/kvm.h>.
+the C compiler checks every layout against <linux/kvm.h>.  rrnative's own
+declarations are read from native/rrnative.h, less its preprocessor lines.
 """
+from pathlib import Path
 from cffi import FFI
 
 CDEF = """
@@ -113,46 +115,18 @@ struct kvm_guest_debug_arch { uint64_t debugreg[8]; };
 struct kvm_guest_debug { uint32_t control, pad; struct kvm_guest_debug_arch arch; };
 struct kvm_dirty_log { uint32_t slot; uint32_t padding1; void *dirty_bitmap; ...; };
 
-struct rr_exit {
-    uint32_t reason;
-    uint8_t if_flag;
-    uint8_t ready_for_injection;
-    uint8_t io_out;
-    uint8_t io_size;
-    uint16_t io_port;
-    uint32_t io_count;
-    uint64_t io_data_offset;
-    uint64_t mmio_addr;
-    uint32_t mmio_len;
-    uint8_t mmio_write;
-    uint8_t mmio_data[8];
-    uint32_t debug_exception;
-    uint64_t debug_pc;
-    uint64_t debug_dr6;
-    uint64_t debug_dr7;
-    uint32_t internal_suberror;
-    uint32_t internal_ndata;
-    uint64_t internal_data[16];
-    uint64_t fail_entry_reason;
-    uint32_t system_event_type;
-};
-
-int rr_ioctl(int fd, unsigned long request, void *arg);
-int rr_ioctl_int(int fd, unsigned long request, unsigned long arg);
-void *rr_map_run(int vcpu_fd, size_t size);
-int rr_unmap(void *addr, size_t size);
-int rr_kick_attach(void *run);
-void rr_kick_detach(void *run);
-int rr_kick(void);
-uint64_t rr_monotonic_ns(void);
-int rr_vcpu_run(int vcpu_fd, void *run_area, uint64_t deadline_ns, struct rr_exit *ex);
-long rr_run_n(int vcpu_fd, void *run_area, long n);
-void rr_set_mmio_data(void *run_area, const uint8_t *data, uint32_t len);
-void rr_set_request_interrupt_window(void *run_area, int on);
 """
 
+RRNATIVE_H = Path(__file__).resolve().parent / "rrnative.h"
+
+
+def _rrnative_declarations() -> str:
+    return "\n".join(line for line in RRNATIVE_H.read_text().splitlines()
+                     if not line.lstrip().startswith("#"))
+
+
 ffibuilder = FFI()
-ffibuilder.cdef(CDEF)
+ffibuilder.cdef(CDEF + _rrnative_declarations())
 ffibuilder.set_source(
     "vmm._native",
     '#include <linux/kvm.h>\n#include <signal.h>\n#include "rrnative.h"\n',

@@ -110,6 +110,10 @@ class HostClock(Clock):
     def now_ns(self) -> int:
         return time.monotonic_ns() - self._origin
 
+    def to_host_ns(self, ns: int) -> int:
+        """The host CLOCK_MONOTONIC time at which this clock reads ``ns``."""
+        return self._origin + ns
+
 
 class ManualClock(Clock):
     """A clock that moves only when told: for device tests and replay."""

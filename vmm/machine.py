@@ -35,7 +35,7 @@ from vmm.devices.serial import Serial16550
 from vmm.diagnostics import disassemble_one, format_exits, format_registers
 from vmm.kvm import (Debug, FailEntry, Hlt, InternalError, Interrupted, IoIn, IoOut,
                      IrqWindowOpen, Kvm, MmioRead, MmioWrite, Shutdown, SystemEvent,
-                     UnknownExit, Vcpu, host_monotonic_ns, kick)
+                     UnknownExit, Vcpu, kick)
 from vmm.memory import GuestMemory
 from vmm.paging import PageFault, read_virtual, virt_to_phys
 
@@ -224,7 +224,7 @@ class Machine:
             FailEntry: self._on_fail_entry, Debug: self._on_unexpected,
             SystemEvent: self._on_system_event, UnknownExit: self._on_unexpected,
         }
-        origin = clock._origin
+        to_host_ns = clock.to_host_ns
         recent = self.recent_exits
         try:
             while self._stop is None:
@@ -235,7 +235,7 @@ class Machine:
                 deadline = clock.next_deadline()
                 if end_ns is not None and (deadline is None or end_ns < deadline):
                     deadline = end_ns
-                exit = vcpu.run(0 if deadline is None else origin + deadline)
+                exit = vcpu.run(0 if deadline is None else to_host_ns(deadline))
                 self.exits += 1
                 recent.append(exit)
                 handlers[type(exit)](exit)
@@ -295,7 +295,7 @@ class Machine:
             if self._intr:
                 return
             deadline = clock.next_deadline()
-            input_possible = self.serial_in is not None and not self.serial_in.eof
+            input_possible = self.serial_in is not None and (not self.serial_in.eof or self.serial_in.pending)
             if deadline is None and not input_possible:
                 raise GuestHung(self._report(
                     "the guest halted waiting for an interrupt, but no timer is armed and no more "
