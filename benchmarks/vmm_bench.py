@@ -108,7 +108,7 @@ def main() -> int:
         print(f"  deadline -> KVM_INTERRUPT   median {med(lat):.1f} us, p95 {pct(lat, 95):.1f} us, "
               f"max {max(lat):.1f} us")
         if undelivered:
-            print(f"  {undelivered} ticks raised but not yet delivered when the guest exited")
+            print(f"  raised but not yet delivered when the guest exited: {undelivered}")
     else:
         print("timer interrupt latency: no IRQ 0 was delivered (is examples/build/ticks.elf built?)")
     return 0

@@ -112,9 +112,11 @@ void rr_kick_detach(void *run)
     }
 }
 
-int rr_kick(void)
+/* Kick only the vCPU that asked for kicks: a late kick meant for a machine
+ * that is gone must not disturb the next one. */
+int rr_kick(void *run)
 {
-    if (!kick_thread_valid)
+    if (!kick_thread_valid || kick_run != run)
         return -ESRCH;
     int r = pthread_kill(kick_thread, RR_KICK_SIGNAL);
     return -r;
@@ -211,8 +213,13 @@ long rr_run_n(int vcpu_fd, void *run_area, long n)
     struct kvm_run *run = run_area;
     long io = 0;
     for (long i = 0; i < n; i++) {
-        if (ioctl(vcpu_fd, KVM_RUN, 0) < 0)
-            return -errno;
+        if (ioctl(vcpu_fd, KVM_RUN, 0) < 0) {
+            if (errno != EINTR && errno != EAGAIN)
+                return -errno;
+            run->immediate_exit = 0;  /* a kick is not one of the n exits */
+            i--;
+            continue;
+        }
         io += run->exit_reason == KVM_EXIT_IO;
     }
     return io;

@@ -37,7 +37,7 @@ void *rr_map_run(int vcpu_fd, size_t size);
 int rr_unmap(void *addr, size_t size);
 int rr_kick_attach(void *run);
 void rr_kick_detach(void *run);
-int rr_kick(void);
+int rr_kick(void *run);
 uint64_t rr_monotonic_ns(void);
 int rr_vcpu_run(int vcpu_fd, void *run_area, uint64_t deadline_ns, struct rr_exit *ex);
 long rr_run_n(int vcpu_fd, void *run_area, long n);

@@ -15,6 +15,7 @@ from rrstub import __version__
 
 EXIT_USAGE = 2
 EXIT_NO_KVM = 3
+EXIT_KVM_ERROR = 70
 
 RUN_EPILOG = """\
 exit status:
@@ -23,7 +24,8 @@ exit status:
   2      bad arguments or an unusable kernel file
   3      KVM is not available (no /dev/kvm, or no permission)
   70     the guest crashed: triple fault, or an instruction the host KVM cannot
-         emulate; a register dump and the last exits are printed
+         emulate; a register dump and the last exits are printed (also: a KVM
+         call failed)
   71     the guest halted with no way to wake up
   124    the guest was still running at --timeout
 
@@ -128,20 +130,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         _err(f"cannot open {e.filename}: {e.strerror}")
         return EXIT_USAGE
     try:
-        machine = Machine(image, mem_size=args.mem, cmdline=args.cmdline,
-                          serial_in=serial_in, serial_out=serial_out)
-    except (boot.BootError, GuestMemoryError) as e:
-        _err(str(e))
-        return EXIT_USAGE
-    try:
-        result = machine.run(timeout=args.timeout)
-    except MachineError as e:
-        _err(str(e))
-        return e.exit_code
+        try:
+            machine = Machine(image, mem_size=args.mem, cmdline=args.cmdline,
+                              serial_in=serial_in, serial_out=serial_out)
+        except (boot.BootError, GuestMemoryError) as e:
+            _err(str(e))
+            return EXIT_USAGE
+        try:
+            result = machine.run(timeout=args.timeout)
+        except MachineError as e:
+            _err(str(e))
+            return e.exit_code
+        finally:
+            machine.close()
     finally:
-        machine.close()
-        if serial_out is not None:
-            serial_out.close()
+        for f in (serial_in, serial_out):
+            if f is not None and f is not sys.stdin.buffer:
+                f.close()
     if not args.quiet:
         how = ("reset the machine (i8042)" if result.reason == "reset"
                else f"exited with status {result.status}")
@@ -162,7 +167,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from vmm.kvm import KvmUnavailable
+    from vmm.kvm import KvmError, KvmUnavailable
+    from vmm.probe import ProbeFailed
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -174,6 +180,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KvmUnavailable as e:
         _err(str(e))
         return EXIT_NO_KVM
+    except KvmError as e:
+        _err(f"KVM error: {e}")
+        return EXIT_KVM_ERROR
+    except ProbeFailed as e:
+        _err(f"doctor: {e}")
+        return EXIT_KVM_ERROR
     except KeyboardInterrupt:
         _err("interrupted")
         return 130

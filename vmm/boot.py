@@ -184,6 +184,14 @@ def load(mem: GuestMemory, image: KernelImage, initial: Sregs, cmdline: str = ""
                 f"{image.path}: segment at physical {seg.paddr:#x}+{seg.memsz:#x} does not fit in "
                 f"{mem.size >> 20} MiB of guest memory; use a larger --mem (e.g. --mem "
                 f"{max(64, ((seg.paddr + seg.memsz) >> 20) * 2)}M)")
+    for seg in image.segments:
+        identity = seg.vaddr == seg.paddr and seg.paddr + seg.memsz <= 4 << 30
+        high_half = seg.vaddr == HIGH_HALF_BASE + seg.paddr and seg.paddr + seg.memsz <= 2 << 30
+        if not (identity or high_half):
+            raise BootError(
+                f"{image.path}: segment at virtual {seg.vaddr:#x} is loaded at physical {seg.paddr:#x}, "
+                "but the boot page tables map virtual to physical only as identity (below 4 GiB) or "
+                f"as {HIGH_HALF_BASE:#x} + physical; link with vaddr == paddr, or in the top 2 GiB")
     if not _entry_is_mapped(image.entry):
         raise BootError(f"{image.path}: entry point {image.entry:#x} is outside the boot page "
                         "tables (0..4 GiB and the top 2 GiB)")

@@ -286,11 +286,17 @@ class Kvm:
         except OSError as e:
             raise KvmUnavailable(f"cannot open {path}: {e.strerror}", e.errno) from None
         version = lib.rr_ioctl_int(self.fd, lib.KVM_GET_API_VERSION, 0)
+        if version < 0:
+            os.close(self.fd)
+            raise KvmUnavailable(f"{path} is not a KVM device ({os.strerror(-version)})", -version)
         if version != KVM_API_VERSION:
             os.close(self.fd)
             raise KvmUnavailable(f"{path} speaks KVM API {version}, rrstub needs {KVM_API_VERSION}")
-        self.vcpu_mmap_size = _check(lib.rr_ioctl_int(self.fd, lib.KVM_GET_VCPU_MMAP_SIZE, 0),
-                                     "KVM_GET_VCPU_MMAP_SIZE")
+        size = lib.rr_ioctl_int(self.fd, lib.KVM_GET_VCPU_MMAP_SIZE, 0)
+        if size < 0:
+            os.close(self.fd)
+            raise KvmError("KVM_GET_VCPU_MMAP_SIZE", -size)
+        self.vcpu_mmap_size = size
 
     def check_extension(self, cap: int) -> int:
         r = lib.rr_ioctl_int(self.fd, lib.KVM_CHECK_EXTENSION, cap)
@@ -386,9 +392,23 @@ class Vcpu:
 
     # -- running --------------------------------------------------------
     def attach_kicks(self) -> None:
-        """Route the deadline timer and rr_kick() to this vCPU on this thread."""
+        """Route the deadline timer and ``kick()`` to this vCPU on this thread."""
         _check(lib.rr_kick_attach(self._run), "install kick signal")
         self._kicks_attached = True
+
+    def detach_kicks(self) -> None:
+        """Stop deadline timers and kicks for this vCPU (its thread may now end)."""
+        if self._kicks_attached:
+            lib.rr_kick_detach(self._run)
+            self._kicks_attached = False
+
+    def kick(self) -> None:
+        """Bring this vCPU back from KVM_RUN soon; callable from any thread.
+
+        A no-op unless this vCPU has kicks attached, so a late kick never
+        reaches another vCPU.
+        """
+        lib.rr_kick(self._run)
 
     def run(self, deadline_host_ns: int = 0) -> Exit:
         """One KVM_RUN; ``deadline_host_ns`` (CLOCK_MONOTONIC, 0 = none) kicks it back."""
@@ -477,17 +497,10 @@ class Vcpu:
     def close(self) -> None:
         if self.fd < 0:
             return
-        if self._kicks_attached:
-            lib.rr_kick_detach(self._run)
-            self._kicks_attached = False
+        self.detach_kicks()
         lib.rr_unmap(self._run, self._run_size)
         os.close(self.fd)
         self.fd = -1
-
-
-def kick() -> None:
-    """Bring the attached vCPU back from KVM_RUN soon (callable from any thread)."""
-    lib.rr_kick()
 
 
 def host_monotonic_ns() -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import os
+import select
 import sys
 import threading
 import time
@@ -35,7 +36,7 @@ from vmm.devices.serial import Serial16550
 from vmm.diagnostics import disassemble_one, format_exits, format_registers
 from vmm.kvm import (Debug, FailEntry, Hlt, InternalError, Interrupted, IoIn, IoOut,
                      IrqWindowOpen, Kvm, MmioRead, MmioWrite, Shutdown, SystemEvent,
-                     UnknownExit, Vcpu, kick)
+                     UnknownExit, Vcpu)
 from vmm.memory import GuestMemory
 from vmm.paging import PageFault, read_virtual, virt_to_phys
 
@@ -84,14 +85,20 @@ class RunResult:
 
 
 class SerialInput:
-    """Host bytes waiting to enter the UART, read from a file or pipe by a thread."""
+    """Host bytes waiting to enter the UART, read from a file or pipe by a thread.
 
-    def __init__(self, source: BinaryIO, wake: threading.Event):
+    The reader wakes the machine (``wake`` event and a vCPU ``kick``) when
+    bytes arrive, and stops for good on ``close()``.
+    """
+
+    def __init__(self, source: BinaryIO, wake: threading.Event, kick: Callable[[], None]):
         self._source = source
         self._wake = wake
+        self._kick = kick
         self._chunks: collections.deque[bytes] = collections.deque()
         self._lock = threading.Lock()
         self.eof = False
+        self._stop_r, self._stop_w = os.pipe()
         self._thread = threading.Thread(target=self._reader, name="serial-input", daemon=True)
         self._thread.start()
 
@@ -99,18 +106,27 @@ class SerialInput:
         fd = self._source.fileno()
         try:
             while True:
+                ready, _, _ = select.select([fd, self._stop_r], [], [])
+                if self._stop_r in ready:
+                    return
                 data = os.read(fd, 4096)
                 if not data:
                     break
                 with self._lock:
                     self._chunks.append(data)
                 self._wake.set()
-                kick()
+                self._kick()
         except OSError:
             pass
         self.eof = True
         self._wake.set()
-        kick()
+        self._kick()
+
+    def close(self) -> None:
+        os.write(self._stop_w, b"x")
+        self._thread.join(timeout=5)
+        os.close(self._stop_r)
+        os.close(self._stop_w)
 
     @property
     def pending(self) -> bool:
@@ -133,22 +149,47 @@ class SerialInput:
 
 
 class SerialOutput:
-    """Guest UART bytes to a host stream, flushed at line ends and when the guest idles."""
+    """Guest UART bytes to a host stream, flushed at line ends and when the guest idles.
 
-    def __init__(self, stream: BinaryIO):
+    If the reader goes away (``rrstub run ... | head``), the rest of the
+    guest's output is discarded with one warning; the guest runs on.
+    """
+
+    def __init__(self, stream: BinaryIO, warn: Callable[[str], None]):
         self._stream = stream
+        self._warn = warn
         self.bytes = 0
+        self.broken = False
 
     def __call__(self, data: bytes) -> None:
-        self._stream.write(data)
         self.bytes += len(data)
-        if b"\n" in data:
-            self._stream.flush()
+        if self.broken:
+            return
+        try:
+            self._stream.write(data)
+            if b"\n" in data:
+                self._stream.flush()
+        except BrokenPipeError:
+            self._break()
 
     def flush(self) -> None:
+        if self.broken:
+            return
         try:
             self._stream.flush()
-        except (BrokenPipeError, ValueError):
+        except BrokenPipeError:
+            self._break()
+
+    def _break(self) -> None:
+        self.broken = True
+        self._warn("serial output reader went away (broken pipe): discarding the guest's further output")
+        # Point the descriptor at /dev/null so the buffered bytes left in the
+        # stream cannot fail again when it is flushed at exit.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
             pass
 
 
@@ -159,8 +200,16 @@ class Machine:
                  kvm: Optional[Kvm] = None):
         self.kernel = kernel
         self.warn = warn
-        self.kvm = kvm or Kvm()
+        self.kvm = self.vm = self.mem = self.serial_in = None
         self._own_kvm = kvm is None
+        try:
+            self._build(kernel, mem_size, cmdline, serial_in, serial_out, kvm)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, kernel, mem_size, cmdline, serial_in, serial_out, kvm) -> None:
+        self.kvm = kvm or Kvm()
         self.vm = self.kvm.create_vm()
         self.mem = GuestMemory(mem_size)
         self.vm.set_user_memory_region(0, 0, mem_size, self.mem.host_addr)
@@ -180,11 +229,11 @@ class Machine:
         # flag per exit instead of rescanning priorities.
         self._intr = False
         self.pic = PicPair(self._on_intr)
-        self.serial_out = SerialOutput(serial_out if serial_out is not None else sys.stdout.buffer)
+        self.serial_out = SerialOutput(serial_out if serial_out is not None else sys.stdout.buffer, self.warn)
         self.serial = Serial16550(lambda level: self.pic.set_irq(COM1_IRQ, level), self.serial_out)
         self.pit = Pit8254(self.clock, lambda level: self.pic.set_irq(PIT_IRQ, level))
         self.rtc = CmosRtc(self.clock, lambda level: self.pic.set_irq(RTC_IRQ, level), time.time_ns())
-        self.hypercalls = HypercallPort(self.vcpu.get_regs, self.vcpu.set_regs, warn)
+        self.hypercalls = HypercallPort(self.vcpu.get_regs, self.vcpu.set_regs, self.warn)
         self.bus = PortBus()
         self.bus.insert(self.pic.master, PIC_MASTER, 2)
         self.bus.insert(self.pic.slave, PIC_SLAVE, 2)
@@ -196,9 +245,10 @@ class Machine:
         self.bus.insert(self.serial, COM1, 8)
         self.bus.insert(self.hypercalls, HYPERCALL_PORT, 4)
 
-        self.serial_in = SerialInput(serial_in, self._wake) if serial_in is not None else None
         self._window_requested = False
         self._end_ns: Optional[int] = None
+        if serial_in is not None:
+            self.serial_in = SerialInput(serial_in, self._wake, self.vcpu.kick)
 
     # -- device callbacks --------------------------------------------------
     def _on_intr(self, level: bool) -> None:
@@ -242,6 +292,7 @@ class Machine:
                 if end_ns is not None and clock.now_ns() >= end_ns and self._stop is None:
                     raise GuestTimeout(self._timeout_report(timeout))
         finally:
+            vcpu.detach_kicks()
             self.serial_out.flush()
         reason, status = self._stop
         return RunResult(reason, status, self.exits, clock.now_ns())
@@ -295,7 +346,10 @@ class Machine:
             if self._intr:
                 return
             deadline = clock.next_deadline()
-            input_possible = self.serial_in is not None and (not self.serial_in.eof or self.serial_in.pending)
+            # Input can wake the guest only if the UART can take it (RTS up,
+            # not in loopback, FIFO not full) and some is, or may yet be, there.
+            input_possible = (self.serial_in is not None and self.serial.rx_room() > 0
+                              and (self.serial_in.pending or not self.serial_in.eof))
             if deadline is None and not input_possible:
                 raise GuestHung(self._report(
                     "the guest halted waiting for an interrupt, but no timer is armed and no more "
@@ -375,9 +429,15 @@ class Machine:
                             f"({self.exits} exits, {self.serial_out.bytes} serial bytes out)")
 
     def close(self) -> None:
-        self.vm.close()
-        self.mem.close()
-        if self._own_kvm:
+        """Release everything; safe after a failed construction and when called twice."""
+        if self.serial_in is not None:
+            self.serial_in.close()
+            self.serial_in = None
+        if self.vm is not None:
+            self.vm.close()
+        if self.mem is not None:
+            self.mem.close()
+        if self._own_kvm and self.kvm is not None:
             self.kvm.close()
 
     def __enter__(self):

@@ -65,6 +65,8 @@ class GuestMemory:
         return int.from_bytes(self.view[paddr:paddr + 8], "little")
 
     def close(self) -> None:
+        if self._map.closed:
+            return
         self.view.release()
-        del self._cdata
+        ffi.release(self._cdata)
         self._map.close()

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 
 from vmm import boot
-from vmm.kvm import (Debug, default_kvm_path, Interrupted, InternalError, IoOut, Kvm, KvmError, Shutdown, Vcpu,
+from vmm.kvm import (Debug, default_kvm_path, Interrupted, InternalError, IoOut, Kvm, Shutdown, Vcpu,
                      host_monotonic_ns)
 from vmm.memory import GuestMemory
 from vmm._native import lib
@@ -90,11 +90,23 @@ class HostReport:
         return asdict(self)
 
 
+class ProbeFailed(Exception):
+    """A measurement could not be taken; the message says which and why."""
+
+
 class ProbeVm:
     """A tiny VM running ``code`` at CODE_BASE in long mode, CPL0 unless told otherwise."""
 
     def __init__(self, kvm: Kvm, code: bytes, cpl3: bool = False, cpuid_edit=None):
         self.vm = kvm.create_vm()
+        self.mem = None
+        try:
+            self._build(kvm, code, cpl3, cpuid_edit)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, kvm: Kvm, code: bytes, cpl3: bool, cpuid_edit) -> None:
         self.mem = GuestMemory(PROBE_MEM)
         self.vm.set_user_memory_region(0, 0, PROBE_MEM, self.mem.host_addr)
         self.vcpu: Vcpu = self.vm.create_vcpu(0)
@@ -111,11 +123,17 @@ class ProbeVm:
         self.vcpu.attach_kicks()
 
     def run(self, deadline_ns: int = STEP_DEADLINE_NS):
-        return self.vcpu.run(host_monotonic_ns() + deadline_ns)
+        """Run to the next exit; a kick counts as 'no exit' only once the deadline has passed."""
+        deadline = host_monotonic_ns() + deadline_ns
+        while True:
+            exit = self.vcpu.run(deadline)
+            if not isinstance(exit, Interrupted) or host_monotonic_ns() >= deadline:
+                return exit
 
     def close(self) -> None:
         self.vm.close()
-        self.mem.close()
+        if self.mem is not None:
+            self.mem.close()
 
     def __enter__(self):
         return self
@@ -244,7 +262,7 @@ def measure_cpl0_rate(kvm: Kvm) -> float:
             exit = p.run(60_000_000_000)
             elapsed = time.perf_counter() - start
         if not (isinstance(exit, IoOut) and exit.port == DONE_PORT):
-            raise KvmError(f"CPL0 rate probe stopped early: {_describe(exit)}", 5)
+            raise ProbeFailed(f"CPL0 instruction-rate probe stopped early: {_describe(exit)}")
         if elapsed >= 0.2 or n >= 1 << 30:
             return 2 * n / elapsed
         n = min(n * max(2, int(0.25 / max(elapsed, 1e-4))), 1 << 30)
@@ -263,7 +281,7 @@ def measure_exit_cost(kvm: Kvm, exits: int = 20_000) -> tuple[float, float]:
         raw = time.perf_counter() - start
         last = p.vcpu.run(0)
     if io != exits or not (isinstance(last, IoOut) and last.port == DONE_PORT):
-        raise KvmError("exit-cost probe lost count of its exits", 5)
+        raise ProbeFailed(f"exit-cost probe: {io} of {exits} runs were port I/O, then {_describe(last)}")
     with ProbeVm(kvm, code) as p:
         run = p.vcpu.run
         start = time.perf_counter()
@@ -272,7 +290,7 @@ def measure_exit_cost(kvm: Kvm, exits: int = 20_000) -> tuple[float, float]:
         typed = time.perf_counter() - start
         last = run(0)
     if not (isinstance(last, IoOut) and last.port == DONE_PORT):
-        raise KvmError("exit-cost probe lost count of its exits", 5)
+        raise ProbeFailed(f"exit-cost probe lost count of its exits: then {_describe(last)}")
     return raw / exits * 1e6, typed / exits * 1e6
 
 

@@ -351,3 +351,20 @@ def test_load_segment_with_file_bytes_but_no_memory_is_refused(tmp_path):
     data = make_elf(CODE, memsz=0)
     with pytest.raises(BootError, match="exceeds memory size"):
         parse_elf(data, "k.elf")
+
+
+def test_segment_whose_virtual_address_the_boot_tables_do_not_map_there_is_refused(mem):
+    """Linked at 4 MiB but loaded at 1 MiB: the CPU would fetch other bytes than were loaded."""
+    img = parse_elf(make_elf(CODE, paddr=0x10_0000, vaddr=0x40_0000, entry=0x40_0000), "k.elf")
+    with pytest.raises(BootError, match="virtual 0x400000 is loaded at physical 0x100000"):
+        load(mem, img, initial_sregs())
+
+
+def test_high_half_segment_loads():
+    mem = GuestMemory(8 << 20)
+    img = parse_elf(make_elf(CODE, paddr=0x10_0000, vaddr=0xFFFF_FFFF_8010_0000), "k.elf")
+    regs, _ = load(mem, img, initial_sregs())
+    assert regs.rip == 0xFFFF_FFFF_8010_0000
+    assert mem.read(0x10_0000, len(CODE)) == CODE
+    mem.close()
+    mem.close()  # closing twice is harmless

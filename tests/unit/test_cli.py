@@ -84,6 +84,9 @@ def test_missing_kvm_device_is_exit_3(tmp_path):
     assert b"does not exist: this machine has no KVM" in r.stderr
     r = rrstub("doctor", env=env)
     assert r.returncode == 3
+    r = rrstub("run", str(kernel), env=dict(os.environ, RRSTUB_KVM_DEVICE="/dev/null"))
+    assert r.returncode == 3
+    assert b"/dev/null is not a KVM device" in r.stderr
 
 
 def test_kvm_permission_denied_tells_how_to_fix(monkeypatch):
