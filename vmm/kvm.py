@@ -251,11 +251,17 @@ class CpuidEntry:
 _CPUID_FIELDS = tuple(f.name for f in fields(CpuidEntry))
 
 
+def _cpuid2_buffer(n: int):
+    """A zeroed struct kvm_cpuid2 with room for n entries: (owner, typed pointer)."""
+    c = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2") + n * ffi.sizeof("struct kvm_cpuid_entry2"))
+    cp = ffi.cast("struct kvm_cpuid2 *", c)
+    cp.nent = n
+    return c, cp
+
+
 def _cpuid2(entries: Iterable[CpuidEntry]):
     entries = list(entries)
-    c = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2") + len(entries) * ffi.sizeof("struct kvm_cpuid_entry2"))
-    cp = ffi.cast("struct kvm_cpuid2 *", c)
-    cp.nent = len(entries)
+    c, cp = _cpuid2_buffer(len(entries))
     for i, e in enumerate(entries):
         for f in _CPUID_FIELDS:
             setattr(cp.entries[i], f, getattr(e, f))
@@ -297,21 +303,27 @@ class Kvm:
             os.close(self.fd)
             raise KvmError("KVM_GET_VCPU_MMAP_SIZE", -size)
         self.vcpu_mmap_size = size
+        self._supported_cpuid: Optional[tuple[CpuidEntry, ...]] = None
 
     def check_extension(self, cap: int) -> int:
         r = lib.rr_ioctl_int(self.fd, lib.KVM_CHECK_EXTENSION, cap)
         return max(r, 0)
 
-    def supported_cpuid(self) -> list[CpuidEntry]:
-        n = 256
-        while True:
-            buf, cp = _cpuid2(CpuidEntry(0, 0, 0, 0, 0, 0, 0) for _ in range(n))
-            r = lib.rr_ioctl(self.fd, lib.KVM_GET_SUPPORTED_CPUID, cp)
-            if r == -errno_mod.E2BIG and n < 4096:
-                n *= 2
-                continue
-            _check(r, "KVM_GET_SUPPORTED_CPUID")
-            return [CpuidEntry(*(getattr(cp.entries[i], f) for f in _CPUID_FIELDS)) for i in range(cp.nent)]
+    def supported_cpuid(self) -> tuple[CpuidEntry, ...]:
+        """What KVM can offer a guest; asked once per Kvm (it does not change)."""
+        if self._supported_cpuid is None:
+            n = 256
+            while True:
+                buf, cp = _cpuid2_buffer(n)
+                r = lib.rr_ioctl(self.fd, lib.KVM_GET_SUPPORTED_CPUID, cp)
+                if r == -errno_mod.E2BIG and n < 4096:
+                    n *= 2
+                    continue
+                _check(r, "KVM_GET_SUPPORTED_CPUID")
+                self._supported_cpuid = tuple(
+                    CpuidEntry(*(getattr(cp.entries[i], f) for f in _CPUID_FIELDS)) for i in range(cp.nent))
+                break
+        return self._supported_cpuid
 
     def create_vm(self) -> "Vm":
         fd = _check(lib.rr_ioctl_int(self.fd, lib.KVM_CREATE_VM, 0), "KVM_CREATE_VM")

@@ -278,13 +278,9 @@ class Machine:
         recent = self.recent_exits
         try:
             while self._stop is None:
-                clock.run_due()
-                if self.serial_in is not None and self.serial_in.pending:
-                    self._feed_serial()
+                self._poll_devices()
                 self._inject()
-                deadline = clock.next_deadline()
-                if end_ns is not None and (deadline is None or end_ns < deadline):
-                    deadline = end_ns
+                deadline = self._until_timeout(clock.next_deadline())
                 exit = vcpu.run(0 if deadline is None else to_host_ns(deadline))
                 self.exits += 1
                 recent.append(exit)
@@ -307,6 +303,18 @@ class Machine:
         if want != self._window_requested:
             vcpu.request_interrupt_window(want)
             self._window_requested = want
+
+    def _poll_devices(self) -> None:
+        """Fire due timers and move waiting host input into the UART."""
+        self.clock.run_due()
+        if self.serial_in is not None and self.serial_in.pending:
+            self._feed_serial()
+
+    def _until_timeout(self, deadline: Optional[int]) -> Optional[int]:
+        """The earlier of ``deadline`` and the --timeout end (None: neither)."""
+        if self._end_ns is None:
+            return deadline
+        return self._end_ns if deadline is None else min(deadline, self._end_ns)
 
     def _feed_serial(self) -> None:
         room = self.serial.rx_room()
@@ -340,9 +348,7 @@ class Machine:
         self.serial_out.flush()
         clock = self.clock
         while self._stop is None:
-            clock.run_due()
-            if self.serial_in is not None and self.serial_in.pending:
-                self._feed_serial()
+            self._poll_devices()
             if self._intr:
                 return
             deadline = clock.next_deadline()
@@ -354,10 +360,9 @@ class Machine:
                 raise GuestHung(self._report(
                     "the guest halted waiting for an interrupt, but no timer is armed and no more "
                     "serial input can arrive (give it input with --serial-in, or check its PIC masks)"))
-            if self._end_ns is not None:
-                if clock.now_ns() >= self._end_ns:
-                    return  # run() reports the timeout
-                deadline = self._end_ns if deadline is None else min(deadline, self._end_ns)
+            if self._end_ns is not None and clock.now_ns() >= self._end_ns:
+                return  # run() reports the timeout
+            deadline = self._until_timeout(deadline)
             wait = None if deadline is None else max(0, deadline - clock.now_ns()) / 1e9
             self._wake.wait(wait)
             self._wake.clear()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
 
 from vmm import boot
 from vmm.kvm import (Debug, default_kvm_path, Interrupted, InternalError, IoOut, Kvm, Shutdown, Vcpu,
@@ -161,6 +162,11 @@ def _user_mode(mem: GuestMemory, sregs, regs):
     return sregs, regs
 
 
+def _finished(exit) -> bool:
+    """The probe code reached its final `out 0xf4, al`."""
+    return isinstance(exit, IoOut) and exit.port == DONE_PORT
+
+
 def _describe(exit) -> str:
     if isinstance(exit, Shutdown):
         return "the #DB went to the guest instead (triple fault)"
@@ -168,7 +174,7 @@ def _describe(exit) -> str:
         return f"KVM internal error (suberror {exit.suberror}{', emulation failure' if exit.is_emulation_failure else ''})"
     if isinstance(exit, Interrupted):
         return "no debug exit before the deadline"
-    if isinstance(exit, IoOut) and exit.port == DONE_PORT:
+    if _finished(exit):
         return "the guest ran to completion without a debug exit"
     return f"unexpected exit {type(exit).__name__}"
 
@@ -261,37 +267,41 @@ def measure_cpl0_rate(kvm: Kvm) -> float:
             start = time.perf_counter()
             exit = p.run(60_000_000_000)
             elapsed = time.perf_counter() - start
-        if not (isinstance(exit, IoOut) and exit.port == DONE_PORT):
+        if not _finished(exit):
             raise ProbeFailed(f"CPL0 instruction-rate probe stopped early: {_describe(exit)}")
         if elapsed >= 0.2 or n >= 1 << 30:
             return 2 * n / elapsed
         n = min(n * max(2, int(0.25 / max(elapsed, 1e-4))), 1 << 30)
 
 
-def measure_exit_cost(kvm: Kvm, exits: int = 20_000) -> tuple[float, float]:
-    """Microseconds per port-I/O exit round trip: (bare C loop, through Vcpu.run).
+def _exit_loop_us(kvm: Kvm, exits: int, drive: Callable[[Vcpu], int], how: str) -> float:
+    """Microseconds per exit while ``drive`` takes the guest through ``exits`` port-I/O exits.
 
-    The guest loops `out 0x80, al; dec ecx; jnz`; both figures include the
-    two loop instructions, so their difference is our per-exit overhead.
+    ``drive`` returns how many of its runs were port I/O; the guest loops
+    `out 0x80, al; dec ecx; jnz` and must then reach its final `out 0xf4`.
     """
     code = mov_ecx(exits) + OUT_POST + DEC_ECX + jnz_back(6) + OUT_DONE
     with ProbeVm(kvm, code) as p:
         start = time.perf_counter()
-        io = p.vcpu.run_n(exits)
-        raw = time.perf_counter() - start
+        io = drive(p.vcpu)
+        elapsed = time.perf_counter() - start
         last = p.vcpu.run(0)
-    if io != exits or not (isinstance(last, IoOut) and last.port == DONE_PORT):
-        raise ProbeFailed(f"exit-cost probe: {io} of {exits} runs were port I/O, then {_describe(last)}")
-    with ProbeVm(kvm, code) as p:
-        run = p.vcpu.run
-        start = time.perf_counter()
-        for _ in range(exits):
-            run(0)
-        typed = time.perf_counter() - start
-        last = run(0)
-    if not (isinstance(last, IoOut) and last.port == DONE_PORT):
-        raise ProbeFailed(f"exit-cost probe lost count of its exits: then {_describe(last)}")
-    return raw / exits * 1e6, typed / exits * 1e6
+    if io != exits or not _finished(last):
+        raise ProbeFailed(f"exit-cost probe ({how}): {io} of {exits} runs were port I/O, "
+                          f"then {_describe(last)}")
+    return elapsed / exits * 1e6
+
+
+def measure_exit_cost(kvm: Kvm, exits: int = 20_000) -> tuple[float, float]:
+    """Microseconds per port-I/O exit round trip: (bare C loop, through Vcpu.run).
+
+    Both figures include the guest's two loop instructions, so their
+    difference is our per-exit overhead.
+    """
+    raw = _exit_loop_us(kvm, exits, lambda vcpu: vcpu.run_n(exits), "bare C loop")
+    typed = _exit_loop_us(kvm, exits, lambda vcpu: sum(type(vcpu.run(0)) is IoOut for _ in range(exits)),
+                          "Vcpu.run")
+    return raw, typed
 
 
 def _kvm_module() -> str:
