@@ -31,6 +31,8 @@ CDEF = """
 #define KVM_SET_VCPU_EVENTS ...
 #define KVM_GET_DEBUGREGS ...
 #define KVM_SET_DEBUGREGS ...
+#define KVM_GET_XCRS ...
+#define KVM_SET_XCRS ...
 #define KVM_GET_MSRS ...
 #define KVM_SET_MSRS ...
 #define KVM_SET_CPUID2 ...
@@ -75,8 +77,10 @@ CDEF = """
 #define KVM_GUESTDBG_USE_HW_BP ...
 #define KVM_MEM_LOG_DIRTY_PAGES ...
 #define KVM_MEM_READONLY ...
+#define KVM_VCPUEVENT_VALID_NMI_PENDING ...
+#define KVM_VCPUEVENT_VALID_SIPI_VECTOR ...
+#define KVM_VCPUEVENT_VALID_SHADOW ...
 
-#define RR_EXIT_INTR ...
 
 struct kvm_regs {
     uint64_t rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp;
@@ -100,7 +104,20 @@ struct kvm_fpu {
 };
 struct kvm_xsave { uint32_t region[1024]; };
 struct kvm_debugregs { uint64_t db[4]; uint64_t dr6, dr7, flags; uint64_t reserved[9]; };
-struct kvm_vcpu_events { uint32_t flags; ...; };
+struct kvm_vcpu_events {
+    struct { uint8_t injected, nr, has_error_code, pending; uint32_t error_code; } exception;
+    struct { uint8_t injected, nr, soft, shadow; } interrupt;
+    struct { uint8_t injected, pending, masked, pad; } nmi;
+    uint32_t sipi_vector;
+    uint32_t flags;
+    struct { uint8_t smm, pending, smm_inside_nmi, latched_init; } smi;
+    struct { uint8_t pending; } triple_fault;
+    uint8_t reserved[26];
+    uint8_t exception_has_payload;
+    uint64_t exception_payload;
+};
+struct kvm_xcr { uint32_t xcr; uint32_t reserved; uint64_t value; };
+struct kvm_xcrs { uint32_t nr_xcrs; uint32_t flags; struct kvm_xcr xcrs[16]; uint64_t padding[16]; };
 struct kvm_msr_entry { uint32_t index; uint32_t reserved; uint64_t data; };
 struct kvm_msrs { uint32_t nmsrs; uint32_t pad; struct kvm_msr_entry entries[]; };
 struct kvm_cpuid_entry2 {
@@ -121,8 +138,16 @@ RRNATIVE_H = Path(__file__).resolve().parent / "rrnative.h"
 
 
 def _rrnative_declarations() -> str:
-    return "\n".join(line for line in RRNATIVE_H.read_text().splitlines()
-                     if not line.lstrip().startswith("#"))
+    """rrnative.h for cffi: integer #defines become `#define NAME ...`, other # lines go."""
+    out = []
+    for line in RRNATIVE_H.read_text().splitlines():
+        words = line.split()
+        if line.lstrip().startswith("#"):
+            if len(words) >= 3 and words[0] == "#define" and words[2][:1].isdigit():
+                out.append(f"#define {words[1]} ...")
+            continue
+        out.append(line)
+    return "\n".join(out)
 
 
 ffibuilder = FFI()

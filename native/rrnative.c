@@ -11,6 +11,10 @@
  * kvm_run, so a kick that lands just before KVM_RUN is entered still makes
  * that KVM_RUN return at once (KVM_CAP_IMMEDIATE_EXIT).  A kick that lands
  * after KVM_RUN returned costs one spurious RR_EXIT_INTR, never a lost one.
+ *
+ * Also owns the exact engine's single-step loop (rr_step) and the fast
+ * engine's landmark search (rr_run_to_regs): both run many KVM_RUNs per
+ * call from Python.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -136,31 +140,8 @@ static int arm_deadline(uint64_t deadline_ns)
     return 0;
 }
 
-uint64_t rr_monotonic_ns(void)
+static void decode_exit(struct kvm_run *run, struct rr_exit *ex)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-int rr_vcpu_run(int vcpu_fd, void *run_area, uint64_t deadline_ns, struct rr_exit *ex)
-{
-    struct kvm_run *run = run_area;
-    int r = arm_deadline(deadline_ns);
-    if (r < 0)
-        return r;
-    r = ioctl(vcpu_fd, KVM_RUN, 0);
-    int err = errno;
-    run->immediate_exit = 0;
-    ex->if_flag = run->if_flag;
-    ex->ready_for_injection = run->ready_for_interrupt_injection;
-    if (r < 0) {
-        if (err == EINTR || err == EAGAIN) {
-            ex->reason = RR_EXIT_INTR;
-            return 0;
-        }
-        return -err;
-    }
     ex->reason = run->exit_reason;
     switch (run->exit_reason) {
     case KVM_EXIT_IO:
@@ -200,6 +181,35 @@ int rr_vcpu_run(int vcpu_fd, void *run_area, uint64_t deadline_ns, struct rr_exi
     default:
         break;
     }
+}
+
+uint64_t rr_monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+int rr_vcpu_run(int vcpu_fd, void *run_area, uint64_t deadline_ns, struct rr_exit *ex)
+{
+    struct kvm_run *run = run_area;
+    int r = arm_deadline(deadline_ns);
+    if (r < 0)
+        return r;
+    r = ioctl(vcpu_fd, KVM_RUN, 0);
+    int err = errno;
+    run->immediate_exit = 0;
+    ex->if_flag = run->if_flag;
+    ex->ready_for_injection = run->ready_for_interrupt_injection;
+    if (r < 0) {
+        if (err == EINTR || err == EAGAIN) {
+            ex->reason = RR_EXIT_INTR;
+            armed_deadline = 0;  /* a deadline already passed is re-armed, so it kicks again */
+            return 0;
+        }
+        return -err;
+    }
+    decode_exit(run, ex);
     return 0;
 }
 
@@ -234,4 +244,287 @@ void rr_set_mmio_data(void *run_area, const uint8_t *data, uint32_t len)
 void rr_set_request_interrupt_window(void *run_area, int on)
 {
     ((struct kvm_run *)run_area)->request_interrupt_window = on ? 1 : 0;
+}
+
+/* ------------------------------------------------------------------------
+ * Exact engine: single-step every instruction, count them, and stop before
+ * any instruction that could observe the host (rdtsc, rdrand, cpuid, ...)
+ * or that needs the engine's help (hlt, writes to paging registers).
+ *
+ * Observed on KVM with KVM_GUESTDBG_SINGLESTEP (PVM and VMX alike): a step
+ * that ends in a port-I/O or MMIO exit does not also report a debug exit on
+ * this host, and hlt under single-step is skipped rather than halting.  So
+ * an instruction that exits is finished by one KVM_RUN with immediate_exit
+ * set (KVM completes the pending I/O, then returns without running the
+ * guest, or reports the step), and counts as one instruction; hlt is never
+ * run at all: the filter below hands it to the engine.
+ */
+#define CR0_PG (1ull << 31)
+#define CR4_LA57 (1ull << 12)
+#define EFER_LMA (1ull << 10)
+#define PTE_P 1ull
+#define PTE_PS (1ull << 7)
+#define PTE_ADDR 0x000ffffffffff000ull
+
+/* Linear to guest-physical for instruction fetch: 0 ok, -1 not mapped, -2 mode not walked here. */
+static int fetch_translate(const struct rr_step_ctl *c, uint64_t la, uint64_t *pa)
+{
+    if (!(c->cr0 & CR0_PG)) {
+        *pa = la;
+        return 0;
+    }
+    if (!(c->efer & EFER_LMA) || (c->cr4 & CR4_LA57))
+        return -2;
+    uint64_t table = c->cr3 & PTE_ADDR;
+    for (int level = 4; level >= 1; level--) {
+        int shift = 12 + 9 * (level - 1);
+        uint64_t slot = table + ((la >> shift) & 511) * 8;
+        if (slot + 8 > c->mem_size)
+            return -1;
+        uint64_t entry;
+        memcpy(&entry, c->mem + slot, 8);
+        if (!(entry & PTE_P))
+            return -1;
+        if (level <= 3 && level >= 2 && (entry & PTE_PS)) {
+            uint64_t size = 1ull << shift;
+            *pa = (entry & PTE_ADDR & ~(size - 1)) | (la & (size - 1));
+            return 0;
+        }
+        table = entry & PTE_ADDR;
+    }
+    *pa = table | (la & 0xfff);
+    return 0;
+}
+
+/* Copy up to 15 bytes at c->rip into c->insn; returns the count, or -2 for an unwalkable mode. */
+static int fetch(struct rr_step_ctl *c)
+{
+    uint32_t got = 0;
+    uint64_t la = c->rip;
+    while (got < 15) {
+        uint64_t pa;
+        int r = fetch_translate(c, la, &pa);
+        if (r == -2)
+            return -2;
+        if (r < 0 || pa >= c->mem_size)
+            break;
+        uint64_t room = 4096 - (la & 0xfff);
+        if (room > 15 - got)
+            room = 15 - got;
+        if (pa + room > c->mem_size)
+            room = c->mem_size - pa;
+        memcpy(c->insn + got, c->mem + pa, room);
+        got += room;
+        la += room;
+    }
+    c->insn_len = got;
+    return (int)got;
+}
+
+/* A superset filter: true for every instruction the engine emulates or must watch. */
+static int maybe_special(const uint8_t *b, uint32_t n, int long_mode)
+{
+    uint32_t i = 0;
+    while (i < n) {
+        uint8_t p = b[i];
+        if (p == 0xF0 || p == 0xF2 || p == 0xF3 || p == 0x2E || p == 0x36 || p == 0x3E ||
+            p == 0x26 || p == 0x64 || p == 0x65 || p == 0x66 || p == 0x67 ||
+            (long_mode && (p & 0xF0) == 0x40))
+            i++;
+        else
+            break;
+    }
+    if (i >= n)
+        return 0;
+    if (b[i] == 0xF4)                       /* hlt */
+        return 1;
+    if (b[i] != 0x0F || i + 1 >= n)
+        return 0;
+    switch (b[i + 1]) {
+    case 0x31:                              /* rdtsc */
+    case 0xA2:                              /* cpuid */
+    case 0x30:                              /* wrmsr */
+    case 0x32:                              /* rdmsr */
+    case 0x22:                              /* mov to control register */
+        return 1;
+    case 0x01:                              /* rdtscp */
+        return i + 2 < n && b[i + 2] == 0xF9;
+    case 0xC7:                              /* rdrand, rdseed, rdpid */
+        return i + 2 < n && (b[i + 2] >> 6) == 3 && ((b[i + 2] >> 3) & 7) >= 6;
+    default:
+        return 0;
+    }
+}
+
+static int set_debug(int fd, uint32_t control, uint64_t dr0, uint64_t dr7)
+{
+    struct kvm_guest_debug dbg;
+    memset(&dbg, 0, sizeof dbg);
+    dbg.control = control;
+    dbg.arch.debugreg[0] = dr0;
+    dbg.arch.debugreg[7] = dr7;
+    return ioctl(fd, KVM_SET_GUEST_DEBUG, &dbg) < 0 ? -errno : 0;
+}
+
+/* Finish an instruction whose exit (I/O, MMIO) userspace has just handled. */
+static int complete_instruction(int fd, struct kvm_run *run, struct rr_step_ctl *c, struct rr_exit *ex)
+{
+    run->immediate_exit = 1;
+    int r = ioctl(fd, KVM_RUN, 0);
+    int err = errno;
+    run->immediate_exit = 0;
+    ex->if_flag = run->if_flag;
+    ex->ready_for_injection = run->ready_for_interrupt_injection;
+    if (r < 0 && err != EINTR && err != EAGAIN)
+        return -err;
+    if (r == 0 && run->exit_reason == KVM_EXIT_DEBUG) {
+        c->rip = run->debug.arch.pc;
+    } else {
+        struct kvm_regs regs;
+        if (ioctl(fd, KVM_GET_REGS, &regs) < 0)
+            return -errno;
+        c->rip = regs.rip;
+    }
+    c->icount++;
+    return 0;
+}
+
+int rr_step(int vcpu_fd, void *run_area, struct rr_step_ctl *c, struct rr_exit *ex)
+{
+    struct kvm_run *run = run_area;
+    int r = arm_deadline(0);
+    if (r < 0)
+        return r;
+    if (c->flags & RR_STEP_COMPLETE) {
+        c->flags &= ~RR_STEP_COMPLETE;
+        r = complete_instruction(vcpu_fd, run, c, ex);
+        if (r < 0)
+            return r;
+    }
+    for (uint32_t n = 0;; n++) {
+        if (c->icount >= c->stop_icount) {
+            c->reason = RR_STEP_LIMIT;
+            return 0;
+        }
+        if (c->host_deadline && (n & 15) == 0 && rr_monotonic_ns() >= c->host_deadline) {
+            c->reason = RR_STEP_DEADLINE;
+            return 0;
+        }
+        if ((c->flags & RR_STEP_STOP_IF_OPEN) && run->if_flag && run->ready_for_interrupt_injection) {
+            c->reason = RR_STEP_IF_OPEN;
+            return 0;
+        }
+        if (c->flags & RR_STEP_NO_CHECK_ONCE) {
+            c->flags &= ~RR_STEP_NO_CHECK_ONCE;
+        } else {
+            int got = fetch(c);
+            if (got == -2) {
+                c->reason = RR_STEP_NOFETCH;
+                return 0;
+            }
+            if (maybe_special(c->insn, (uint32_t)got, c->long_mode)) {
+                c->reason = RR_STEP_SPECIAL;
+                return 0;
+            }
+        }
+        r = ioctl(vcpu_fd, KVM_RUN, 0);
+        int err = errno;
+        ex->if_flag = run->if_flag;
+        ex->ready_for_injection = run->ready_for_interrupt_injection;
+        if (r < 0) {
+            run->immediate_exit = 0;
+            if (err == EINTR || err == EAGAIN) {
+                c->reason = RR_STEP_KICK;
+                return 0;
+            }
+            return -err;
+        }
+        if (run->exit_reason == KVM_EXIT_DEBUG) {
+            c->icount++;
+            c->rip = run->debug.arch.pc;
+            continue;
+        }
+        decode_exit(run, ex);
+        c->reason = RR_STEP_EXIT;
+        return 0;
+    }
+}
+
+/* ------------------------------------------------------------------------
+ * Fast engine replay: run until the vCPU is at want->rip with exactly the
+ * general registers in *want (a landmark), using DR0 as an execution
+ * breakpoint.  RF is ignored on this host, so a hit that is not the
+ * landmark is stepped over with the breakpoint cleared, then re-armed.
+ * Guest debugging is off again when this returns.
+ */
+int rr_run_to_regs(int vcpu_fd, void *run_area, const void *want_regs, int step_over_first,
+                   uint64_t *hits, struct rr_exit *ex)
+{
+    struct kvm_run *run = run_area;
+    const struct kvm_regs *want = want_regs;
+    const uint32_t bp = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
+    const uint32_t step = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
+    int r = arm_deadline(0);
+    int result = -1;
+    if (r < 0)
+        return r;
+    int over = step_over_first;
+    while (result < 0) {
+        r = set_debug(vcpu_fd, over ? step : bp, want->rip, over ? 0 : 1);
+        if (r < 0)
+            break;
+        r = ioctl(vcpu_fd, KVM_RUN, 0);
+        int err = errno;
+        ex->if_flag = run->if_flag;
+        ex->ready_for_injection = run->ready_for_interrupt_injection;
+        if (r < 0) {
+            run->immediate_exit = 0;
+            if (err != EINTR && err != EAGAIN) {
+                r = -err;
+                break;
+            }
+            r = 0;
+            result = RR_LANDMARK_KICK;
+            break;
+        }
+        if (run->exit_reason != KVM_EXIT_DEBUG) {
+            decode_exit(run, ex);
+            result = RR_LANDMARK_EXIT;
+            break;
+        }
+        if (over) {
+            over = 0;
+            continue;
+        }
+        (*hits)++;
+        struct kvm_regs regs;
+        if (ioctl(vcpu_fd, KVM_GET_REGS, &regs) < 0) {
+            r = -errno;
+            break;
+        }
+        if (memcmp(&regs, want, sizeof regs) == 0)
+            result = RR_LANDMARK_MATCH;
+        else
+            over = 1;
+    }
+    int off = set_debug(vcpu_fd, 0, 0, 0);
+    if (r < 0)
+        return r;
+    return off < 0 ? off : result;
+}
+
+/* Finish any I/O or MMIO the last exit left pending, without running guest
+ * code (KVM_RUN with immediate_exit), so the vCPU state can be saved. */
+int rr_settle(int vcpu_fd, void *run_area, struct rr_exit *ex)
+{
+    struct kvm_run *run = run_area;
+    run->immediate_exit = 1;
+    int r = ioctl(vcpu_fd, KVM_RUN, 0);
+    int err = errno;
+    run->immediate_exit = 0;
+    ex->if_flag = run->if_flag;
+    ex->ready_for_injection = run->ready_for_interrupt_injection;
+    if (r < 0 && err != EINTR && err != EAGAIN)
+        return -err;
+    return 0;
 }

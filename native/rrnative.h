@@ -31,6 +31,39 @@ struct rr_exit {
     uint32_t system_event_type;
 };
 
+/* rr_step: the exact engine's single-step loop (see rrnative.c). */
+#define RR_STEP_LIMIT     1   /* icount reached stop_icount */
+#define RR_STEP_DEADLINE  2   /* host_deadline passed */
+#define RR_STEP_IF_OPEN   3   /* STOP_IF_OPEN and the guest can take an interrupt */
+#define RR_STEP_SPECIAL   4   /* the next instruction may need emulation: insn[] holds it */
+#define RR_STEP_EXIT      5   /* a KVM exit other than a step (I/O, MMIO, ...): see rr_exit */
+#define RR_STEP_KICK      6   /* KVM_RUN came back with EINTR */
+#define RR_STEP_NOFETCH   7   /* paging mode the C fetch does not walk */
+
+#define RR_STEP_STOP_IF_OPEN  1u  /* stop at the first boundary where an interrupt can be injected */
+#define RR_STEP_NO_CHECK_ONCE 2u  /* step the next instruction without looking at it */
+#define RR_STEP_COMPLETE      4u  /* finish the instruction whose exit was just handled */
+
+struct rr_step_ctl {
+    uint64_t icount;        /* in/out: instructions completed */
+    uint64_t stop_icount;   /* in: return RR_STEP_LIMIT when icount reaches it */
+    uint64_t host_deadline; /* in: CLOCK_MONOTONIC ns, 0 = none */
+    uint64_t rip;           /* in/out: linear address of the next instruction */
+    uint64_t cr0, cr3, cr4, efer;  /* in: paging state for instruction fetch */
+    uint8_t *mem;           /* in: guest RAM at guest physical 0 */
+    uint64_t mem_size;
+    uint32_t flags;         /* in: RR_STEP_* flags, cleared as they are used */
+    uint32_t reason;        /* out: RR_STEP_* reason */
+    uint32_t long_mode;     /* in: 64-bit code segment (REX prefixes exist) */
+    uint32_t insn_len;      /* out: bytes of insn[] that could be fetched */
+    uint8_t insn[16];       /* out: the instruction at rip, for RR_STEP_SPECIAL */
+};
+
+/* rr_run_to_regs results */
+#define RR_LANDMARK_MATCH 0
+#define RR_LANDMARK_EXIT  1   /* another exit came first: see rr_exit */
+#define RR_LANDMARK_KICK  2
+
 int rr_ioctl(int fd, unsigned long request, void *arg);
 int rr_ioctl_int(int fd, unsigned long request, unsigned long arg);
 void *rr_map_run(int vcpu_fd, size_t size);
@@ -43,4 +76,8 @@ int rr_vcpu_run(int vcpu_fd, void *run_area, uint64_t deadline_ns, struct rr_exi
 long rr_run_n(int vcpu_fd, void *run_area, long n);
 void rr_set_mmio_data(void *run_area, const uint8_t *data, uint32_t len);
 void rr_set_request_interrupt_window(void *run_area, int on);
+int rr_step(int vcpu_fd, void *run_area, struct rr_step_ctl *c, struct rr_exit *ex);
+int rr_settle(int vcpu_fd, void *run_area, struct rr_exit *ex);
+int rr_run_to_regs(int vcpu_fd, void *run_area, const void *want_regs, int step_over_first,
+                   uint64_t *hits, struct rr_exit *ex);
 #endif

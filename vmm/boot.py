@@ -141,8 +141,11 @@ def _entry_is_mapped(vaddr: int) -> bool:
 
 
 def _build_page_tables(mem: GuestMemory) -> None:
-    present_rw = 0x3
-    huge = 0x83  # present, writable, 2 MiB page
+    # Accessed and dirty are preset so the CPU never writes them back: page-
+    # table pages then change only when the guest itself writes them, which
+    # keeps the dirty-page log (markers, landmarks) a function of the guest.
+    present_rw = 0x23  # present, writable, accessed
+    huge = 0xE3        # present, writable, accessed, dirty, 2 MiB page
     pml4 = bytearray(4096)
     pml4[0:8] = (BOOT_PDPT_LOW | present_rw).to_bytes(8, "little")
     pml4[511 * 8:512 * 8] = (BOOT_PDPT_HIGH | present_rw).to_bytes(8, "little")

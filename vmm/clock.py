@@ -139,3 +139,70 @@ class ManualClock(Clock):
             fired += self.run_due(self._now)
         self._now = target
         return fired
+
+
+class IcountClock(Clock):
+    """Exact engine time: a function of the guest's instruction count.
+
+    ``now_ns = base_ns + (icount - base_icount) * ps_per_instr / 1000``,
+    re-based only at sync points (``sync``), which the recorder logs.  Between
+    sync points every clock read and timer deadline is a pure function of the
+    instruction count, so none of them needs a log entry.
+    """
+
+    def __init__(self, icount: Callable[[], int], ps_per_instr: int, base_ns: int = 0) -> None:
+        super().__init__()
+        self._icount = icount
+        self.base_ns = base_ns
+        self.base_icount = icount()
+        self.ps_per_instr = ps_per_instr
+
+    def now_ns(self) -> int:
+        return self.base_ns + (self._icount() - self.base_icount) * self.ps_per_instr // 1000
+
+    def sync(self, ns: int, ps_per_instr: int) -> None:
+        """Re-base at the current instruction: time becomes max(now, ns), then runs at the new rate."""
+        if ps_per_instr <= 0:
+            raise ValueError(f"instruction time must be positive, not {ps_per_instr} ps")
+        self.base_ns = max(self.now_ns(), ns)
+        self.base_icount = self._icount()
+        self.ps_per_instr = ps_per_instr
+
+    def icount_at(self, ns: int) -> int:
+        """The first instruction count at which ``now_ns() >= ns``."""
+        icount = self._icount()
+        if ns <= self.now_ns():
+            return icount
+        need = (ns - self.base_ns) * 1000
+        return self.base_icount + -(-need // self.ps_per_instr)
+
+
+class SampledClock(Clock):
+    """Fast engine time: moves only when sampled, at most once per engine point.
+
+    ``now_ns()`` asks ``sample()`` for a value the first time it is called at
+    a point (the recorder reads the host and logs it; the replayer takes it
+    from the log), and returns that value until ``new_point()``.
+    """
+
+    def __init__(self, sample: Callable[[], int]) -> None:
+        super().__init__()
+        self._sample = sample
+        self._now = 0
+        self.fresh = False
+
+    def now_ns(self) -> int:
+        if not self.fresh:
+            self.set(self._sample())
+        return self._now
+
+    def set(self, ns: int) -> None:
+        self._now = max(self._now, ns)
+        self.fresh = True
+
+    def peek_ns(self) -> int:
+        """The last value, without sampling."""
+        return self._now
+
+    def new_point(self) -> None:
+        self.fresh = False

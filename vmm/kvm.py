@@ -4,15 +4,23 @@ Every ioctl goes through ``_check`` so that a failure becomes one exception
 type, ``KvmError``, carrying the errno and what was being done.  The run
 loop itself (KVM_RUN plus exit decoding) is C in native/rrnative.c;
 ``Vcpu.run()`` turns its flat result into a small exit value.
+
+``Vcpu.get_state()`` / ``set_state()`` move everything KVM holds for a vCPU
+that a marker must carry (``VcpuState``); ``encode_vcpu_state`` gives it a
+stable, versioned binary form sealed like the other marker blobs
+(``vmm.snapshot``).
 """
 from __future__ import annotations
 
 import errno as errno_mod
+import hashlib
 import os
+import struct
 from dataclasses import dataclass, fields
 from typing import Iterable, Optional, Union
 
 from vmm._native import ffi, lib
+from vmm.snapshot import Reader, SnapshotError, seal, unseal
 
 KVM_API_VERSION = 12
 KVM_DEVICE_ENV = "RRSTUB_KVM_DEVICE"
@@ -39,6 +47,17 @@ class KvmUnavailable(KvmError):
         self.errno = err
         self.what = "open /dev/kvm"
         Exception.__init__(self, message)
+
+
+class MsrError(KvmError):
+    """KVM_GET_MSRS or KVM_SET_MSRS stopped short: KVM refused MSR ``index``."""
+
+    def __init__(self, what: str, index: int):
+        self.errno = errno_mod.EINVAL
+        self.what = what
+        self.index = index
+        Exception.__init__(self, f"{what}: KVM refused MSR {index:#x} "
+                                 f"({MARKER_MSRS.get(index, 'not a marker MSR')})")
 
 
 def _check(result: int, what: str) -> int:
@@ -268,6 +287,149 @@ def _cpuid2(entries: Iterable[CpuidEntry]):
     return c, cp
 
 
+def _msrs_buffer(entries: list[tuple[int, int]]):
+    """A struct kvm_msrs holding (index, value) entries: (owner, typed pointer)."""
+    c = ffi.new("char[]", ffi.sizeof("struct kvm_msrs") + len(entries) * ffi.sizeof("struct kvm_msr_entry"))
+    cp = ffi.cast("struct kvm_msrs *", c)
+    cp.nmsrs = len(entries)
+    for i, (index, value) in enumerate(entries):
+        cp.entries[i].index = index
+        cp.entries[i].data = value
+    return c, cp
+
+
+def _struct_from(ctype: str, data: bytes, what: str):
+    """A new ``ctype`` holding exactly ``data`` (raw bytes of that struct)."""
+    size = ffi.sizeof(ctype)
+    if len(data) != size:
+        raise ValueError(f"{what}: {len(data)} bytes given, {ctype} is {size}")
+    c = ffi.new(f"{ctype} *")
+    ffi.memmove(c, data, size)
+    return c
+
+
+# ---------------------------------------------------------------------------
+# What a marker carries for one vCPU
+
+# MSRs an x86-64 guest kernel writes and relies on reading back (system-call
+# entry, swapgs, TLS, memory types), numbered as in the Intel SDM vol. 4.  A
+# vCPU carries those KVM lets it both read and write (``Vcpu.marker_msrs``).
+# Left out on purpose: EFER and APIC_BASE (in Sregs); FS_BASE and GS_BASE
+# (the same registers as Sregs.fs.base and Sregs.gs.base); IA32_TSC,
+# TSC_ADJUST and TSC_DEADLINE (virtual time belongs to the replay engine);
+# KVM's paravirtual MSRs (kvmclock, steal time, async PF: host time, written
+# into guest memory by the host); the MTRRs (firmware's, and we boot
+# without firmware).
+MARKER_MSRS: dict[int, str] = {
+    0x174: "IA32_SYSENTER_CS",
+    0x175: "IA32_SYSENTER_ESP",
+    0x176: "IA32_SYSENTER_EIP",
+    0xC0000081: "STAR",
+    0xC0000082: "LSTAR",
+    0xC0000083: "CSTAR",
+    0xC0000084: "SFMASK",
+    0xC0000102: "KERNEL_GS_BASE",
+    0xC0000103: "TSC_AUX",
+    0x277: "IA32_PAT",
+    0x1A0: "IA32_MISC_ENABLE",
+    0x48: "IA32_SPEC_CTRL",
+    0xDA0: "IA32_XSS",
+}
+
+# KVM_SET_VCPU_EVENTS leaves these parts alone unless the flags say to take
+# them; a restore takes them all (KVM_GET_VCPU_EVENTS sets only some).
+_EVENTS_RESTORE_FLAGS = (lib.KVM_VCPUEVENT_VALID_NMI_PENDING | lib.KVM_VCPUEVENT_VALID_SIPI_VECTOR
+                         | lib.KVM_VCPUEVENT_VALID_SHADOW)
+
+
+@dataclass(frozen=True, slots=True)
+class VcpuState:
+    """One vCPU's KVM state: register files, and the other structs as KVM's raw bytes.
+
+    ``msrs`` is ascending (index, value) pairs of ``Vcpu.marker_msrs()``.
+    Not here, on purpose: IA32_TSC (virtual time); the guest-debug setup
+    (breakpoints belong to the timeline); mp_state and the LAPIC (there is no
+    in-kernel irqchip, so the vCPU is always runnable and interrupts come from
+    our PIC).  Frozen, but ``regs`` and ``sregs`` are mutable: copy before
+    editing them.
+    """
+    regs: Regs
+    sregs: Sregs
+    xsave: bytes      # struct kvm_xsave
+    events: bytes     # struct kvm_vcpu_events
+    debugregs: bytes  # struct kvm_debugregs
+    msrs: tuple[tuple[int, int], ...]
+    xcrs: bytes       # struct kvm_xcrs (XCR0: which XSAVE components are enabled)
+
+
+VCPU_STATE_MAGIC = b"RRVC"
+VCPU_STATE_VERSION = 1
+_REGS_FORMAT = struct.Struct(f"<{len(REG_NAMES)}Q")
+_SEGMENT_FORMAT = struct.Struct(f"<QIH{len(_SEG_FIELDS) - 3}B")
+_SREGS_TAIL = struct.Struct("<QHQH7Q4Q")  # gdt, idt, cr0 cr2 cr3 cr4 cr8 efer apic_base, bitmap
+_LENGTH = struct.Struct("<I")
+_MSR_FORMAT = struct.Struct("<IQ")
+_RAW_STRUCTS = (("xsave", "struct kvm_xsave"), ("events", "struct kvm_vcpu_events"),
+                ("debugregs", "struct kvm_debugregs"), ("xcrs", "struct kvm_xcrs"))
+
+
+def _vcpu_state_parts(state: VcpuState) -> list[bytes]:
+    s = state.sregs
+    parts = [_REGS_FORMAT.pack(*(getattr(state.regs, n) for n in REG_NAMES))]
+    parts += [_SEGMENT_FORMAT.pack(*(getattr(getattr(s, n), f) for f in _SEG_FIELDS)) for n in SEGMENT_NAMES]
+    parts.append(_SREGS_TAIL.pack(s.gdt_base, s.gdt_limit, s.idt_base, s.idt_limit, s.cr0, s.cr2, s.cr3,
+                                  s.cr4, s.cr8, s.efer, s.apic_base, *s.interrupt_bitmap))
+    for name, _ in _RAW_STRUCTS:
+        raw = getattr(state, name)
+        parts += [_LENGTH.pack(len(raw)), raw]
+    parts.append(_LENGTH.pack(len(state.msrs)))
+    parts += [_MSR_FORMAT.pack(index, value) for index, value in state.msrs]
+    return parts
+
+
+def encode_vcpu_state(state: VcpuState) -> bytes:
+    """Version 1, little-endian: regs (18 x u64, Regs field order); the 8
+    segments (base u64, limit u32, selector u16, 9 x u8 attributes, Segment
+    field order) in SEGMENT_NAMES order; gdt and idt (base u64, limit u16);
+    cr0 cr2 cr3 cr4 cr8 efer apic_base and the 4 interrupt-bitmap words
+    (u64 each); xsave, events, debugregs, xcrs, each as u32 length + raw
+    struct; u32 MSR count + (index u32, value u64) pairs.  Sealed as
+    ``vmm.snapshot.seal`` does (magic 'RRVC', CRC-32)."""
+    return seal(VCPU_STATE_MAGIC, VCPU_STATE_VERSION, _vcpu_state_parts(state))
+
+
+def decode_vcpu_state(blob: bytes) -> VcpuState:
+    what = "vCPU state"
+    _, payload = unseal(blob, VCPU_STATE_MAGIC, VCPU_STATE_VERSION, what)
+    r = Reader(payload, what)
+    regs = Regs(*r.unpack(_REGS_FORMAT))
+    segments = {n: Segment(*r.unpack(_SEGMENT_FORMAT)) for n in SEGMENT_NAMES}
+    tail = r.unpack(_SREGS_TAIL)
+    sregs = Sregs(**segments, gdt_base=tail[0], gdt_limit=tail[1], idt_base=tail[2], idt_limit=tail[3],
+                  cr0=tail[4], cr2=tail[5], cr3=tail[6], cr4=tail[7], cr8=tail[8], efer=tail[9],
+                  apic_base=tail[10], interrupt_bitmap=tuple(tail[11:15]))
+    raw = {}
+    for name, ctype in _RAW_STRUCTS:
+        (n,) = r.unpack(_LENGTH)
+        if n != ffi.sizeof(ctype):
+            raise SnapshotError(f"{what}: {name} is {n} bytes, {ctype} is {ffi.sizeof(ctype)}")
+        raw[name] = bytes(r.take(n))
+    (count,) = r.unpack(_LENGTH)
+    if count * _MSR_FORMAT.size != len(payload) - r.pos:
+        raise SnapshotError(f"{what}: {count} MSRs do not fill the {len(payload) - r.pos} bytes left")
+    msrs = tuple(r.unpack(_MSR_FORMAT) for _ in range(count))
+    r.finish()
+    return VcpuState(regs, sregs, msrs=msrs, **raw)
+
+
+def vcpu_state_digest(state: VcpuState) -> bytes:
+    """A 16-byte hash of the state, for comparing two states cheaply."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in _vcpu_state_parts(state):
+        h.update(part)
+    return h.digest()
+
+
 # ---------------------------------------------------------------------------
 # Objects
 
@@ -399,6 +561,7 @@ class Vcpu:
         self._run_buf = ffi.buffer(self._run, self._run_size)
         self._exit = ffi.new("struct rr_exit *")
         self._kicks_attached = False
+        self._marker_msrs: Optional[tuple[int, ...]] = None
         self.if_flag = False
         self.ready_for_injection = False
 
@@ -424,8 +587,12 @@ class Vcpu:
 
     def run(self, deadline_host_ns: int = 0) -> Exit:
         """One KVM_RUN; ``deadline_host_ns`` (CLOCK_MONOTONIC, 0 = none) kicks it back."""
+        _check(lib.rr_vcpu_run(self.fd, self._run, deadline_host_ns, self._exit), "KVM_RUN")
+        return self.last_exit()
+
+    def last_exit(self) -> Exit:
+        """The exit value for the last exit recorded in this vCPU's rr_exit (by any C run loop)."""
         ex = self._exit
-        _check(lib.rr_vcpu_run(self.fd, self._run, deadline_host_ns, ex), "KVM_RUN")
         self.if_flag = bool(ex.if_flag)
         self.ready_for_injection = bool(ex.ready_for_injection)
         reason = ex.reason
@@ -505,6 +672,99 @@ class Vcpu:
         for i, v in enumerate(debugreg or ()):
             dbg.arch.debugreg[i] = v
         _check(lib.rr_ioctl(self.fd, lib.KVM_SET_GUEST_DEBUG, dbg), "KVM_SET_GUEST_DEBUG")
+
+    def get_xsave(self) -> bytes:
+        """struct kvm_xsave: x87, SSE, AVX... state (replaces KVM_GET_FPU)."""
+        return self._get_struct("struct kvm_xsave", "KVM_GET_XSAVE")
+
+    def set_xsave(self, data: bytes) -> None:
+        self._set_struct("struct kvm_xsave", "KVM_SET_XSAVE", data)
+
+    def get_xcrs(self) -> bytes:
+        """struct kvm_xcrs: the extended control registers (XCR0)."""
+        return self._get_struct("struct kvm_xcrs", "KVM_GET_XCRS")
+
+    def set_xcrs(self, data: bytes) -> None:
+        self._set_struct("struct kvm_xcrs", "KVM_SET_XCRS", data)
+
+    def get_vcpu_events(self) -> bytes:
+        """struct kvm_vcpu_events: pending/injected exception, interrupt, NMI; interrupt shadow."""
+        return self._get_struct("struct kvm_vcpu_events", "KVM_GET_VCPU_EVENTS")
+
+    def set_vcpu_events(self, data: bytes) -> None:
+        """Put all of ``data`` back, NMI pending, SIPI vector and interrupt shadow included."""
+        c = _struct_from("struct kvm_vcpu_events", data, "KVM_SET_VCPU_EVENTS")
+        c.flags |= _EVENTS_RESTORE_FLAGS
+        _check(lib.rr_ioctl(self.fd, lib.KVM_SET_VCPU_EVENTS, c), "KVM_SET_VCPU_EVENTS")
+
+    def get_debugregs(self) -> bytes:
+        """struct kvm_debugregs: the guest's own DR0-3, DR6, DR7."""
+        return self._get_struct("struct kvm_debugregs", "KVM_GET_DEBUGREGS")
+
+    def set_debugregs(self, data: bytes) -> None:
+        self._set_struct("struct kvm_debugregs", "KVM_SET_DEBUGREGS", data)
+
+    def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
+        """index -> value; MsrError names the first MSR KVM refused."""
+        indices = list(indices)
+        buf, cp = _msrs_buffer([(index, 0) for index in indices])
+        done = _check(lib.rr_ioctl(self.fd, lib.KVM_GET_MSRS, cp), "KVM_GET_MSRS")
+        if done < len(indices):
+            raise MsrError("KVM_GET_MSRS", indices[done])
+        return {cp.entries[i].index: cp.entries[i].data for i in range(done)}
+
+    def set_msrs(self, values: dict[int, int]) -> None:
+        """Write index -> value in order; MsrError names the first MSR KVM refused
+        (those before it are written)."""
+        entries = list(values.items())
+        buf, cp = _msrs_buffer(entries)
+        done = _check(lib.rr_ioctl(self.fd, lib.KVM_SET_MSRS, cp), "KVM_SET_MSRS")
+        if done < len(entries):
+            raise MsrError("KVM_SET_MSRS", entries[done][0])
+
+    def marker_msrs(self) -> tuple[int, ...]:
+        """The MARKER_MSRS KVM lets this vCPU read and write back; probed once.
+
+        The probe writes each MSR's current value back, so it changes nothing.
+        """
+        if self._marker_msrs is None:
+            usable = []
+            for index in MARKER_MSRS:
+                try:
+                    self.set_msrs(self.get_msrs([index]))
+                except MsrError:
+                    continue
+                usable.append(index)
+            self._marker_msrs = tuple(sorted(usable))
+        return self._marker_msrs
+
+    def get_state(self) -> VcpuState:
+        msrs = self.get_msrs(self.marker_msrs())
+        return VcpuState(self.get_regs(), self.get_sregs(), self.get_xsave(), self.get_vcpu_events(),
+                         self.get_debugregs(), tuple(sorted(msrs.items())), self.get_xcrs())
+
+    def set_state(self, state: VcpuState) -> None:
+        """Put a ``get_state()`` back, in the order KVM needs.
+
+        Sregs, regs, xsave, xcrs, MSRs, debug registers, then the events:
+        KVM_SET_REGS drops a pending exception, so the events must follow it
+        (QEMU's kvm_arch_put_registers puts them after these too).
+        """
+        self.set_sregs(state.sregs)
+        self.set_regs(state.regs)
+        self.set_xsave(state.xsave)
+        self.set_xcrs(state.xcrs)
+        self.set_msrs(dict(state.msrs))
+        self.set_debugregs(state.debugregs)
+        self.set_vcpu_events(state.events)
+
+    def _get_struct(self, ctype: str, ioctl: str) -> bytes:
+        c = ffi.new(f"{ctype} *")
+        _check(lib.rr_ioctl(self.fd, getattr(lib, ioctl), c), ioctl)
+        return bytes(ffi.buffer(c))
+
+    def _set_struct(self, ctype: str, ioctl: str, data: bytes) -> None:
+        _check(lib.rr_ioctl(self.fd, getattr(lib, ioctl), _struct_from(ctype, data, ioctl)), ioctl)
 
     def close(self) -> None:
         if self.fd < 0:

@@ -24,9 +24,9 @@ import time
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Optional
 
-from vmm import boot
+from vmm import boot, cpuid
 from vmm.bus import PortBus
-from vmm.clock import HostClock
+from vmm.clock import Clock, HostClock
 from vmm.devices.hypercall import HYPERCALL_PORT, HypercallPort
 from vmm.devices.misc import DebugExit, I8042, PostCode
 from vmm.devices.pic import PicPair
@@ -39,6 +39,7 @@ from vmm.kvm import (Debug, FailEntry, Hlt, InternalError, Interrupted, IoIn, Io
                      UnknownExit, Vcpu)
 from vmm.memory import GuestMemory
 from vmm.paging import PageFault, read_virtual, virt_to_phys
+from vmm._native import lib
 
 PIC_MASTER = 0x20
 PIC_SLAVE = 0xA0
@@ -50,6 +51,9 @@ DEBUG_EXIT_PORT = 0xF4
 COM1, COM1_IRQ = 0x3F8, 4
 
 DEFAULT_MEM = 64 << 20
+RAM_SLOT = 0
+# The devices whose state a marker holds (attribute names on Machine).
+DEVICE_NAMES = ("pic", "pit", "rtc", "serial", "i8042", "post", "debug_exit")
 RECENT_EXITS = 16
 
 # `rrstub run` exit statuses for outcomes that are not the guest's own.
@@ -197,29 +201,35 @@ class Machine:
     def __init__(self, kernel: boot.KernelImage, mem_size: int = DEFAULT_MEM, cmdline: str = "",
                  serial_in: Optional[BinaryIO] = None, serial_out: Optional[BinaryIO] = None,
                  warn: Callable[[str], None] = lambda msg: print(f"rrstub: {msg}", file=sys.stderr),
-                 kvm: Optional[Kvm] = None):
+                 kvm: Optional[Kvm] = None, clock: Optional[Clock] = None,
+                 rtc_epoch_ns: Optional[int] = None, dirty_log: bool = False):
         self.kernel = kernel
         self.warn = warn
         self.kvm = self.vm = self.mem = self.serial_in = None
         self._own_kvm = kvm is None
         try:
-            self._build(kernel, mem_size, cmdline, serial_in, serial_out, kvm)
+            self._build(kernel, mem_size, cmdline, serial_in, serial_out, kvm, clock,
+                        time.time_ns() if rtc_epoch_ns is None else rtc_epoch_ns, dirty_log)
         except BaseException:
             self.close()
             raise
 
-    def _build(self, kernel, mem_size, cmdline, serial_in, serial_out, kvm) -> None:
+    def _build(self, kernel, mem_size, cmdline, serial_in, serial_out, kvm, clock, rtc_epoch_ns,
+               dirty_log) -> None:
         self.kvm = kvm or Kvm()
         self.vm = self.kvm.create_vm()
         self.mem = GuestMemory(mem_size)
-        self.vm.set_user_memory_region(0, 0, mem_size, self.mem.host_addr)
+        self.vm.set_user_memory_region(RAM_SLOT, 0, mem_size, self.mem.host_addr,
+                                       lib.KVM_MEM_LOG_DIRTY_PAGES if dirty_log else 0)
         self.vcpu: Vcpu = self.vm.create_vcpu(0)
-        self.vcpu.set_cpuid(self.kvm.supported_cpuid())
+        self.vcpu.set_cpuid(cpuid.kvm_entries())
         regs, sregs = boot.load(self.mem, kernel, self.vcpu.get_sregs(), cmdline)
         self.vcpu.set_sregs(sregs)
         self.vcpu.set_regs(regs)
 
-        self.clock = HostClock()
+        # A recorder or replayer brings its own clock; a live run reads the host.
+        self.clock = clock if clock is not None else HostClock()
+        self.rtc_epoch_ns = rtc_epoch_ns
         self._wake = threading.Event()
         self._stop: Optional[tuple[str, int]] = None
         self.exits = 0
@@ -232,16 +242,19 @@ class Machine:
         self.serial_out = SerialOutput(serial_out if serial_out is not None else sys.stdout.buffer, self.warn)
         self.serial = Serial16550(lambda level: self.pic.set_irq(COM1_IRQ, level), self.serial_out)
         self.pit = Pit8254(self.clock, lambda level: self.pic.set_irq(PIT_IRQ, level))
-        self.rtc = CmosRtc(self.clock, lambda level: self.pic.set_irq(RTC_IRQ, level), time.time_ns())
+        self.rtc = CmosRtc(self.clock, lambda level: self.pic.set_irq(RTC_IRQ, level), rtc_epoch_ns)
         self.hypercalls = HypercallPort(self.vcpu.get_regs, self.vcpu.set_regs, self.warn)
         self.bus = PortBus()
         self.bus.insert(self.pic.master, PIC_MASTER, 2)
         self.bus.insert(self.pic.slave, PIC_SLAVE, 2)
         self.bus.insert(self.pit, PIT_BASE, 4)
-        self.bus.insert(I8042(self._on_reset), I8042_BASE, 5)
+        self.i8042 = I8042(self._on_reset)
+        self.post = PostCode()
+        self.debug_exit = DebugExit(self._on_debug_exit)
+        self.bus.insert(self.i8042, I8042_BASE, 5)
         self.bus.insert(self.rtc, RTC_BASE, 2)
-        self.bus.insert(PostCode(), POST_PORT, 1)
-        self.bus.insert(DebugExit(self._on_debug_exit), DEBUG_EXIT_PORT, 1)
+        self.bus.insert(self.post, POST_PORT, 1)
+        self.bus.insert(self.debug_exit, DEBUG_EXIT_PORT, 1)
         self.bus.insert(self.serial, COM1, 8)
         self.bus.insert(self.hypercalls, HYPERCALL_PORT, 4)
 
@@ -249,6 +262,21 @@ class Machine:
         self._end_ns: Optional[int] = None
         if serial_in is not None:
             self.serial_in = SerialInput(serial_in, self._wake, self.vcpu.kick)
+
+    # -- device state (markers) --------------------------------------------
+    def device_states(self) -> dict:
+        """Every device's state, by name: the device half of a marker."""
+        return {name: getattr(self, name).state() for name in DEVICE_NAMES}
+
+    def restore_devices(self, states: dict) -> None:
+        missing = [name for name in DEVICE_NAMES if name not in states]
+        if missing:
+            raise ValueError(f"device state lacks {', '.join(missing)}")
+        for name in DEVICE_NAMES:
+            getattr(self, name).restore(states[name])
+        self._intr = self.pic.has_interrupt()
+        self._window_requested = False
+        self.vcpu.request_interrupt_window(False)
 
     # -- device callbacks --------------------------------------------------
     def _on_intr(self, level: bool) -> None:

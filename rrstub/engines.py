@@ -1,0 +1,1063 @@
+"""The record and replay engines: drive a Machine so that a run can be repeated exactly.
+
+Two engines, one contract.  The guest's future is a function of (initial
+marker, event log); every value from outside (clock, serial input, random
+numbers) enters at an engine *point*, and each point that delivers anything
+is logged as one ``events.Point``.  Recording and replaying run the same
+code; only ``LogSink`` (recording: asks the host, writes the log) and
+``LogSource`` (replay: reads the log) differ.
+
+Exact engine (``ExactEngine``): single-steps every instruction in C
+(native/rrnative.c ``rr_step``); the position is the instruction count.
+Time is ``IcountClock``: a function of the instruction count, re-based at
+logged sync points (every ``SYNC_INTERVAL_NS`` of host time, and when a
+halted guest wakes).  rdtsc/rdtscp/rdrand/rdseed/rdpid/cpuid/rdmsr(TSC) are
+emulated before they execute (vmm.x86special, fixed table vmm.cpuid); hlt is
+performed by the engine.
+
+Fast engine (``FastEngine``): runs the guest freely.  The position counts
+deterministic exits (port I/O, MMIO, hlt, interrupt window) and landmarks.
+When something must be delivered while the guest computes without exiting,
+the recorder kicks the vCPU and logs a landmark: the general registers and
+a hash of the pages dirtied since the last marker.  Replay finds the
+landmark with a hardware breakpoint at its RIP (``rr_run_to_regs``) plus the
+page hash.  Interrupts are injected only at deterministic exits (at a
+landmark the engine asks for an interrupt window, whose exit is
+deterministic), so injection never depends on where a kick landed.
+
+Points where the recorder logged nothing but replay would not stop (a kick
+with nothing due) change nothing: they neither fire timers nor inject.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from rrstub import events as ev
+from rrstub.markers import MarkerKeeper, MarkerState
+from rrstub.recording import Recording, RecordingWriter
+from vmm import x86special
+from vmm.clock import IcountClock, SampledClock
+from vmm.kvm import (Debug, FailEntry, Hlt, InternalError, Interrupted, IoIn, IoOut, IrqWindowOpen,
+                     KvmError, MmioRead, MmioWrite, Shutdown, SystemEvent, UnknownExit, REG_NAMES, Regs,
+                     _check, host_monotonic_ns)
+from vmm.machine import GuestHung, GuestTimeout, Machine, MachineError
+from vmm._native import ffi, lib
+
+SYNC_INTERVAL_NS = 20_000_000       # exact engine: re-base virtual time on the host this often
+INITIAL_PS_PER_INSTR = 3000         # exact engine: first guess of instruction time (ps)
+MIN_PS, MAX_PS = 10, 100_000_000
+CHECK_EVERY = 16                    # a state check every N deterministic I/O exits
+SYNC_CHECK_EVERY = 4                # exact engine: a state check in every Nth sync point
+FLUSH_INTERVAL_NS = 500_000_000     # write an event chunk at least this often
+FLUSH_BYTES = 256 << 10
+DEFAULT_MARKER_EVERY_NS = 1_000_000_000
+NEVER = (1 << 63) - 1
+RETRY_NS = 100_000                  # fast engine: a kick that could not make a landmark retries after this
+# Byte offsets in struct kvm_vcpu_events: exception.injected, exception.pending, interrupt.injected.
+EVENT_EXCEPTION_INJECTED, EVENT_EXCEPTION_PENDING, EVENT_INTERRUPT_INJECTED = 0, 3, 8
+GUEST_ENDS = ("exit", "reset", "crash", "hung")
+
+
+class Divergence(Exception):
+    """Replay no longer follows the recording; the message is the report."""
+
+    def __init__(self, position: int, what: str, last_match: int, unit: str):
+        self.position = position
+        self.what = what
+        self.last_match = last_match
+        super().__init__(
+            f"replay diverged from the recording at {unit} {position}: {what}\n"
+            f"last {unit} where replay matched the recording: {last_match}")
+
+
+class EngineError(Exception):
+    """The engine cannot go on for a reason that is neither the guest's nor a divergence."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    reason: str          # exit, reset, crash, hung, timeout, interrupted, until, end, incomplete
+    status: int
+    position: int
+    guest_ns: int
+    detail: str = ""
+
+
+def exit_code(exit) -> int:
+    """A small number naming a deterministic exit, for state checks."""
+    if isinstance(exit, IoOut):
+        return (1 << 16) | exit.port
+    if isinstance(exit, IoIn):
+        return (2 << 16) | exit.port
+    if isinstance(exit, (MmioRead, MmioWrite)):
+        return 3 << 16
+    if isinstance(exit, Hlt):
+        return 4 << 16
+    if isinstance(exit, IrqWindowOpen):
+        return 5 << 16
+    return 6 << 16
+
+
+def describe_exit_code(code: int) -> str:
+    kind, port = code >> 16, code & 0xFFFF
+    return {1: f"port write to {port:#x}", 2: f"port read from {port:#x}", 3: "MMIO access",
+            4: "hlt", 5: "interrupt window", 6: "other exit"}.get(kind, f"exit code {code:#x}")
+
+
+_REGS_STRUCT = struct.Struct(f"<{len(REG_NAMES)}Q")
+
+
+def regs_tuple(regs: Regs) -> tuple[int, ...]:
+    return tuple(getattr(regs, n) for n in REG_NAMES)
+
+
+def regs_digest(regs: Regs) -> int:
+    import hashlib
+    return int.from_bytes(hashlib.blake2b(_REGS_STRUCT.pack(*regs_tuple(regs)), digest_size=8).digest(),
+                          "little")
+
+
+# ---------------------------------------------------------------------------
+# The two sides of the log
+
+
+class LogSink:
+    """Recording: encodes entries and writes them in chunks that survive a crash."""
+
+    def __init__(self, writer: RecordingWriter):
+        self.writer = writer
+        self.encoder = ev.EventEncoder()
+        self.last_flush = host_monotonic_ns()
+        self.counts: dict[str, int] = {}
+        self.entries = 0
+
+    def emit(self, e: ev.Entry) -> None:
+        self.encoder.add(e)
+        name = type(e).__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        if isinstance(e, ev.Point):
+            for part, present in (("input", e.input), ("marker", e.marker is not None),
+                                  ("landmark", e.landmark is not None),
+                                  ("time", e.time_ns is not None)):
+                if present:
+                    self.counts[f"Point.{part}"] = self.counts.get(f"Point.{part}", 0) + 1
+        self.entries += 1
+
+    def maybe_flush(self, position: int) -> None:
+        if (len(self.encoder.buf) >= FLUSH_BYTES
+                or host_monotonic_ns() - self.last_flush >= FLUSH_INTERVAL_NS):
+            self.flush(position)
+
+    def flush(self, position: int) -> None:
+        """Write what is buffered as one chunk covering the log up to ``position``."""
+        first, count, payload = self.encoder.take()
+        self.writer.add_events(position if first is None else first, position, count, payload)
+        self.last_flush = host_monotonic_ns()
+
+
+class LogSource:
+    """Replay: the recording's entries in order, with one entry of look-ahead."""
+
+    def __init__(self, recording: Recording):
+        self.recording = recording
+        self._chunks = recording.iter_event_payloads()
+        self._entries = iter(())
+        self._next: Optional[ev.Entry] = None
+        self._exhausted = False
+        self.end: Optional[ev.End] = None
+        self.covered = 0          # the log is complete up to this position
+        self._fill()
+
+    def _fill(self) -> None:
+        while self._next is None and not self._exhausted:
+            try:
+                self._next = next(self._entries)
+                if isinstance(self._next, ev.End):
+                    self.end = self._next
+            except StopIteration:
+                try:
+                    info, payload = next(self._chunks)
+                except StopIteration:
+                    self._exhausted = True
+                    return
+                self.covered = max(self.covered, info.meta["last"])
+                self._entries = ev.decode_events(payload)
+
+    def peek(self) -> Optional[ev.Entry]:
+        return self._next
+
+    def pop(self) -> ev.Entry:
+        e = self._next
+        self._next = None
+        self._fill()
+        return e
+
+    def point_at(self, position: int) -> Optional[ev.Point]:
+        e = self._next
+        if isinstance(e, ev.Point) and e.pos == position:
+            return self.pop()
+        return None
+
+    def next_point_position(self) -> int:
+        """Where the next Point is, NEVER if no Point is next."""
+        e = self._next
+        return e.pos if isinstance(e, ev.Point) else NEVER
+
+    @property
+    def stop_position(self) -> int:
+        """Replay cannot go past this position.
+
+        A guest-made end (exit, reset, crash, hung) is reached by the replay
+        itself, at the recorded position; a host-made end (timeout, Ctrl-C) or
+        an incomplete log stops replay where the log stops.
+        """
+        if self.end is not None:
+            return self.end.pos + 1 if self.end.reason in GUEST_ENDS else self.end.pos
+        if self._exhausted:
+            return self.covered
+        return NEVER
+
+
+# ---------------------------------------------------------------------------
+# Engine base: what both engines do at points
+
+
+class Engine:
+    mode = ""
+    unit = "position"
+
+    def __init__(self, sink: Optional[LogSink] = None, source: Optional[LogSource] = None,
+                 marker_every_ns: int = DEFAULT_MARKER_EVERY_NS, until: Optional[int] = None,
+                 speed: Optional[float] = None, progress: Optional[Callable[[str], None]] = None):
+        if (sink is None) == (source is None):
+            raise ValueError("an engine either records (sink) or replays (source)")
+        self.sink = sink
+        self.source = source
+        self.marker_every_ns = marker_every_ns
+        self.next_marker_ns = marker_every_ns if marker_every_ns > 0 else NEVER
+        self.marker_requested = False
+        self.until = until
+        self.speed = speed
+        self.position = 0
+        self.last_match = 0
+        self.io_exits = 0
+        self.points = 0
+        self.injections = 0
+        self.machine: Optional[Machine] = None
+        self.markers: Optional[MarkerKeeper] = None
+        self.marker_sink: Optional[Callable[[bytes, dict], None]] = None
+        self.recording_markers: list = []
+        self.host_origin = host_monotonic_ns()
+        self.stop_reason: Optional[tuple[str, int, str]] = None
+        self.progress = progress
+
+    # -- wiring ------------------------------------------------------------------
+    def attach(self, machine: Machine) -> None:
+        self.machine = machine
+        self.markers = MarkerKeeper(machine, self.settle)
+
+    def settle(self) -> None:
+        raise NotImplementedError
+
+    def engine_state(self) -> dict:
+        raise NotImplementedError
+
+    def load_engine_state(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def host_virtual_ns(self) -> int:
+        """Host time since the recording began, in the virtual clock's scale."""
+        return host_monotonic_ns() - self.host_origin
+
+    # -- markers ---------------------------------------------------------------
+    def initial_marker(self) -> Optional[tuple[bytes, dict]]:
+        """Recording: the full marker at position 0, (blob, meta)."""
+        blob, digest, meta = self.markers.capture(self.position, self.engine_state(), full=True)
+        return blob, meta
+
+    def restore(self, state: MarkerState, chain: Optional[list[bytes]] = None) -> None:
+        self.markers.restore(state, chain)
+        self.load_engine_state(state.engine)
+        self.position = state.position
+        self.last_match = state.position
+
+    def _marker_due(self) -> bool:
+        return self.marker_requested or self.guest_now() >= self.next_marker_ns
+
+    def guest_now(self) -> int:
+        """Virtual time now, without consuming or logging a clock value."""
+        raise NotImplementedError
+
+    def time_wanted(self) -> bool:
+        """Recording: should this point read the host clock even without a sync?"""
+        return False
+
+    def _take_marker(self) -> tuple[int, bytes]:
+        index = self.markers.count
+        blob, digest, meta = self.markers.capture(self.position, self.engine_state(), full=False)
+        self.marker_sink(blob, meta)
+        self.marker_requested = False
+        self._schedule_next_marker()
+        return index, digest
+
+    def _schedule_next_marker(self) -> None:
+        if self.marker_every_ns > 0:
+            now = self.guest_now()
+            while self.next_marker_ns <= now:
+                self.next_marker_ns += self.marker_every_ns
+
+    def _verify_marker(self, point: ev.Point) -> None:
+        digest = self.markers.current_digest()
+        if point.marker != self.markers.count:
+            self._diverged(f"the recording has marker {point.marker} here, replay is at marker "
+                           f"{self.markers.count}")
+        if digest != point.marker_digest:
+            self._diverged(f"machine state differs from marker {point.marker}: "
+                           + self.explain_marker_mismatch(point.marker))
+        self.markers.verified(self.position, digest)
+        self._schedule_next_marker()
+        self.last_match = self.position
+
+    def explain_marker_mismatch(self, index: int) -> str:
+        """Name the register, device or page that differs from a recorded marker."""
+        from rrstub.markers import decode_marker
+        rec = self.source.recording
+        if index >= len(rec.markers):
+            return "(the marker itself is not in the file)"
+        saved = decode_marker(rec.payload(rec.markers[index]))
+        m = self.machine
+        regs, sregs = m.vcpu.get_regs(), m.vcpu.get_sregs()
+        diffs = [f"register {n}: recorded {getattr(saved.vcpu.regs, n):#x}, replay {getattr(regs, n):#x}"
+                 for n in REG_NAMES if getattr(saved.vcpu.regs, n) != getattr(regs, n)]
+        for n in ("cr0", "cr2", "cr3", "cr4", "efer"):
+            if getattr(saved.vcpu.sregs, n) != getattr(sregs, n):
+                diffs.append(f"{n}: recorded {getattr(saved.vcpu.sregs, n):#x}, replay {getattr(sregs, n):#x}")
+        devices = m.device_states()
+        diffs += [f"device {name} state differs" for name in devices if devices[name] != saved.devices.get(name)]
+        if not diffs:
+            from vmm import snapshot
+            scratch = bytearray(m.mem.view[:])
+            snapshot.apply_pages(scratch, saved.pages)
+            view = m.mem.view
+            for p in range(m.mem.size // 4096):
+                if view[p * 4096:(p + 1) * 4096] != scratch[p * 4096:(p + 1) * 4096]:
+                    diffs.append(f"memory page at guest physical {p * 4096:#x} differs")
+                    break
+        if not diffs:
+            diffs.append("the set of pages the guest wrote since the previous marker differs")
+        return "; ".join(diffs[:6])
+
+    # -- the point -------------------------------------------------------------
+    def point(self, deterministic: bool, sync: bool = False, landmark: Optional[tuple] = None,
+              recorded: Optional[ev.Point] = None) -> bool:
+        """Deliver what is due at this position; returns whether anything was delivered.
+
+        Recording: gathers time (``sync``), input and marker, applies them,
+        logs the Point.  Replay: applies ``recorded`` (or the Point the log has
+        here).
+        """
+        m = self.machine
+        if self.sink is not None:
+            time_ns = ps = None
+            if sync or self.time_wanted():
+                time_ns, ps = self.sample_time()
+            data = self._take_input()
+            marker = self._marker_due()
+            check = self.sync_check() if sync else None
+            if time_ns is None and not data and not marker and check is None and landmark is None:
+                if not deterministic:
+                    return False
+                self._deliver(None, b"")
+                self.after_point(False)
+                return False
+            self._deliver(time_ns, data, ps)
+            index = digest = None
+            if marker:
+                index, digest = self._take_marker()
+            self.sink.emit(ev.Point(
+                self.position, time_ns=time_ns, ps_per_instr=ps, input=data, marker=index,
+                marker_digest=digest or b"", landmark=landmark[0] if landmark else None,
+                landmark_digest=landmark[1] if landmark else 0, check=check))
+            self.points += 1
+            self.sink.maybe_flush(self.position)
+            self.after_point(landmark is not None)
+            return True
+        p = recorded if recorded is not None else self.source.point_at(self.position)
+        if p is None:
+            if not deterministic:
+                return False
+            self._deliver(None, b"")
+            self.after_point(False)
+            return False
+        self._deliver(p.time_ns, p.input, p.ps_per_instr)
+        if p.marker is not None:
+            self._verify_marker(p)
+        if p.check is not None:
+            self.verify_check(p.check)
+        self.points += 1
+        self.pace()
+        self.after_point(p.landmark is not None)
+        return True
+
+    def _deliver(self, time_ns: Optional[int], data: bytes, ps: Optional[int] = None) -> None:
+        m = self.machine
+        if time_ns is not None:
+            self.set_time(time_ns, ps)
+        self.run_due()
+        if data:
+            accepted = m.serial.receive(data)
+            if accepted != len(data):
+                self._diverged(f"the UART took {accepted} of {len(data)} recorded input bytes")
+
+    def _take_input(self) -> bytes:
+        m = self.machine
+        if m.serial_in is None or not m.serial_in.pending:
+            return b""
+        room = m.serial.rx_room()
+        if not room:
+            return b""
+        return m.serial_in.take(room)
+
+    def _log_end(self) -> Outcome:
+        """Replay reached ``LogSource.stop_position`` without the guest stopping."""
+        e = self.source.end
+        if e is not None and e.reason in GUEST_ENDS:
+            self._diverged(f"the recording ends with the guest's {e.reason} at {self.unit} {e.pos}, "
+                           "and replay went past it")
+        if e is not None:
+            return Outcome(e.reason, e.status, self.position, self.guest_now(), e.detail)
+        return Outcome("incomplete", 0, self.position, self.guest_now())
+
+    def inject(self, window: bool = False) -> None:
+        """Give the guest the PIC's interrupt if it can take one now; else ask for a window (if ``window``)."""
+        m = self.machine
+        vcpu = m.vcpu
+        if m._intr and vcpu.ready_for_injection and vcpu.if_flag:
+            vcpu.interrupt(m.pic.acknowledge())
+            vcpu.ready_for_injection = False
+            self.injections += 1
+        want = m._intr and window
+        if want != m._window_requested:
+            vcpu.request_interrupt_window(want)
+            m._window_requested = want
+
+    def _diverged(self, what: str):
+        raise Divergence(self.position, what, self.last_match, self.unit)
+
+    def verify_check(self, check: tuple[int, int]) -> None:
+        regs = self.machine.vcpu.get_regs()
+        rip, digest = check
+        if regs.rip != rip:
+            self._diverged(f"rip is {regs.rip:#x}, the recording has {rip:#x}")
+        if regs_digest(regs) != digest:
+            self._diverged("the general registers differ from the recording (register digest mismatch); "
+                           "registers now:\n" + _format_regs(regs))
+        self.last_match = self.position
+
+    def exit_check(self, exit) -> None:
+        """Every CHECK_EVERY deterministic I/O exits: log (record) or compare (replay) the state."""
+        self.io_exits += 1
+        if self.io_exits % CHECK_EVERY:
+            return
+        regs = self.machine.vcpu.get_regs()
+        code = exit_code(exit)
+        if self.sink is not None:
+            self.sink.emit(ev.Check(self.position, code, regs.rip, regs_digest(regs)))
+            return
+        e = self.source.peek()
+        if not isinstance(e, ev.Check) or e.pos != self.position:
+            self._diverged(f"replay made a {describe_exit_code(code)} the recording does not have "
+                           f"here (next recorded: {_describe_entry(e)})")
+        self.source.pop()
+        if e.what != code:
+            self._diverged(f"replay made a {describe_exit_code(code)}, the recording a "
+                           f"{describe_exit_code(e.what)}")
+        self.verify_check((e.rip, e.digest))
+
+    # -- pacing (--speed) -----------------------------------------------------------
+    def pace(self) -> None:
+        if not self.speed:
+            return
+        target = self.machine.clock.now_ns() / self.speed
+        ahead = target - (host_monotonic_ns() - self.host_origin)
+        if ahead > 1_000_000:
+            time.sleep(ahead / 1e9)
+
+    # -- engine specific -----------------------------------------------------------
+    def sample_time(self) -> tuple[int, Optional[int]]:
+        raise NotImplementedError
+
+    def set_time(self, ns: int, ps: Optional[int]) -> None:
+        raise NotImplementedError
+
+    def run_due(self) -> None:
+        raise NotImplementedError
+
+    def sync_check(self) -> Optional[tuple[int, int]]:
+        return None
+
+    def after_point(self, landmark: bool) -> None:
+        raise NotImplementedError
+
+    # -- shared exit handling -------------------------------------------------------
+    def handle_exit(self, exit) -> None:
+        m = self.machine
+        if isinstance(exit, IoOut):
+            m._on_io_out(exit)
+        elif isinstance(exit, IoIn):
+            m._on_io_in(exit)
+        elif isinstance(exit, MmioRead):
+            m._on_mmio_read(exit)
+        elif isinstance(exit, (MmioWrite, IrqWindowOpen)):
+            pass
+        elif isinstance(exit, Shutdown):
+            m._on_shutdown(exit)
+        elif isinstance(exit, InternalError):
+            m._on_internal_error(exit)
+        elif isinstance(exit, FailEntry):
+            m._on_fail_entry(exit)
+        elif isinstance(exit, SystemEvent):
+            m._on_system_event(exit)
+        else:
+            m._on_unexpected(exit)
+
+    def wait_for_host(self) -> bool:
+        """Recording, guest halted: wait until a timer is due or input can enter.
+
+        Returns False when nothing can ever wake the guest (the caller reports
+        a hung guest).
+        """
+        m = self.machine
+        m.serial_out.flush()
+        while True:
+            deadline = m.clock.next_deadline()
+            input_possible = (m.serial_in is not None and m.serial.rx_room() > 0
+                              and (m.serial_in.pending or not m.serial_in.eof))
+            if deadline is None and not input_possible:
+                return False
+            if m.serial_in is not None and m.serial_in.pending and m.serial.rx_room() > 0:
+                return True
+            now = self.host_virtual_ns()
+            if deadline is not None and now >= deadline:
+                return True
+            if m._end_ns is not None and host_monotonic_ns() >= m._end_ns:
+                raise GuestTimeout("timeout")
+            wait = None if deadline is None else (deadline - now) / 1e9
+            if m._end_ns is not None:
+                left = (m._end_ns - host_monotonic_ns()) / 1e9
+                wait = left if wait is None else min(wait, left)
+            if self.marker_requested:
+                return True
+            m._wake.wait(None if wait is None else max(wait, 0))
+            m._wake.clear()
+
+
+def _format_regs(regs: Regs) -> str:
+    return "  " + " ".join(f"{n}={getattr(regs, n):#x}" for n in REG_NAMES)
+
+
+def _describe_entry(e) -> str:
+    if e is None:
+        return "nothing: the log ends"
+    if isinstance(e, ev.Check):
+        return f"{describe_exit_code(e.what)} at position {e.pos}"
+    return f"{type(e).__name__} at position {e.pos}"
+
+
+# ---------------------------------------------------------------------------
+# Exact engine
+
+
+class ExactEngine(Engine):
+    mode = "exact"
+    unit = "instruction"
+
+    def __init__(self, *args, ps_per_instr: int = INITIAL_PS_PER_INSTR, **kw):
+        super().__init__(*args, **kw)
+        self.ctl = ffi.new("struct rr_step_ctl *")
+        self.clock = IcountClock(lambda: self.ctl.icount, ps_per_instr)
+        self._syncs = 0
+        self._rate_icount = 0
+        self._rate_host = host_monotonic_ns()
+        self._next_sync = 0
+        self.cs_base = 0
+        self.long_mode = True
+        self.steps_emulated = 0
+
+    def attach(self, machine: Machine) -> None:
+        super().attach(machine)
+        c = self.ctl
+        c.mem = ffi.cast("uint8_t *", machine.mem.host_addr)
+        c.mem_size = machine.mem.size
+
+    def settle(self) -> None:
+        pass  # the exact engine only stops between instructions
+
+    def engine_state(self) -> dict:
+        c = self.clock
+        return {"icount": self.ctl.icount, "base_ns": c.base_ns, "base_icount": c.base_icount,
+                "ps_per_instr": c.ps_per_instr, "guest_ns": c.now_ns(), "io_exits": self.io_exits,
+                "syncs": self._syncs}
+
+    def load_engine_state(self, s: dict) -> None:
+        self.ctl.icount = s["icount"]
+        self.clock.base_ns, self.clock.base_icount = s["base_ns"], s["base_icount"]
+        self.clock.ps_per_instr = s["ps_per_instr"]
+        self.io_exits = s["io_exits"]
+        self._syncs = s["syncs"]
+
+    @property
+    def icount(self) -> int:
+        return self.ctl.icount
+
+    def _load_paging(self) -> None:
+        sregs = self.machine.vcpu.get_sregs()
+        regs = self.machine.vcpu.get_regs()
+        c = self.ctl
+        c.cr0, c.cr3, c.cr4, c.efer = sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer
+        self.long_mode = bool(sregs.efer & (1 << 10)) and bool(sregs.cs.l)
+        c.long_mode = 1 if self.long_mode else 0
+        self.cs_base = sregs.cs.base
+        c.rip = (self.cs_base + regs.rip) & 0xFFFFFFFFFFFFFFFF
+
+    # -- time -----------------------------------------------------------------------
+    def sample_time(self) -> tuple[int, int]:
+        now = host_monotonic_ns()
+        done = self.ctl.icount - self._rate_icount
+        ps = self.clock.ps_per_instr
+        if done >= 1000:
+            ps = min(MAX_PS, max(MIN_PS, (now - self._rate_host) * 1000 // done))
+        self._rate_icount, self._rate_host = self.ctl.icount, now
+        self._next_sync = now + SYNC_INTERVAL_NS
+        return now - self.host_origin, ps
+
+    def set_time(self, ns: int, ps: Optional[int]) -> None:
+        self.clock.sync(ns, ps or self.clock.ps_per_instr)
+        self._syncs += 1
+
+    def guest_now(self) -> int:
+        return self.clock.now_ns()
+
+    def run_due(self) -> None:
+        self.clock.run_due()
+
+    def sync_check(self):
+        if self._syncs % SYNC_CHECK_EVERY:
+            return None
+        regs = self.machine.vcpu.get_regs()
+        return regs.rip, regs_digest(regs)
+
+    def after_point(self, landmark: bool) -> None:
+        self._sync_vcpu_flags()
+        self.inject()
+
+    def _sync_vcpu_flags(self) -> None:
+        ex = self.machine.vcpu._exit
+        self.machine.vcpu.if_flag = bool(ex.if_flag)
+        self.machine.vcpu.ready_for_injection = bool(ex.ready_for_injection)
+
+    # -- the loop -------------------------------------------------------------------
+    def run(self) -> Outcome:
+        m, c = self.machine, self.ctl
+        vcpu = m.vcpu
+        vcpu.set_guest_debug(lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP)
+        self._load_paging()
+        self._rate_icount, self._rate_host = c.icount, host_monotonic_ns()
+        self._next_sync = self._rate_host + SYNC_INTERVAL_NS
+        vcpu.attach_kicks()
+        stalls = 0
+        try:
+            while m._stop is None:
+                self.position = c.icount
+                end = self._limit()
+                if self.source is not None and c.icount >= self.source.stop_position:
+                    return self._log_end()
+                if self.until is not None and c.icount >= self.until:
+                    return Outcome("until", 0, c.icount, self.clock.now_ns())
+                c.stop_icount = end
+                c.host_deadline = self._next_sync if self.sink is not None else 0
+                if m._intr:
+                    c.flags |= lib.RR_STEP_STOP_IF_OPEN
+                else:
+                    c.flags &= ~lib.RR_STEP_STOP_IF_OPEN
+                before = c.icount
+                _check(lib.rr_step(vcpu.fd, vcpu._run, c, vcpu._exit), "KVM_RUN (single-step)")
+                self._sync_vcpu_flags()
+                self.position = c.icount
+                reason = c.reason
+                if reason == lib.RR_STEP_LIMIT or reason == lib.RR_STEP_IF_OPEN:
+                    delivered = self.point(True)
+                    if c.icount == before and not delivered and reason == lib.RR_STEP_LIMIT:
+                        stalls += 1
+                        if stalls > 1000:
+                            raise EngineError(f"the exact engine made no progress at instruction {c.icount}")
+                    else:
+                        stalls = 0
+                elif reason == lib.RR_STEP_SPECIAL:
+                    self._special()
+                elif reason == lib.RR_STEP_EXIT:
+                    self._exit()
+                elif reason == lib.RR_STEP_DEADLINE:
+                    if m._end_ns is not None and host_monotonic_ns() >= m._end_ns:
+                        raise GuestTimeout("timeout")
+                    self.point(False, sync=True)
+                elif reason == lib.RR_STEP_KICK:
+                    if self.sink is not None:
+                        self.point(False)
+                elif reason == lib.RR_STEP_NOFETCH:
+                    raise EngineError(
+                        "the exact engine reads guest instructions only with paging off or 4-level "
+                        "long-mode paging; this guest uses another paging mode (32-bit, PAE without "
+                        "long mode, or 5-level). Record it with --mode fast.")
+                else:
+                    raise EngineError(f"unknown step result {reason}")
+        finally:
+            vcpu.detach_kicks()
+            vcpu.set_guest_debug(0)
+        reason, status = m._stop
+        return Outcome(reason, status, c.icount, self.clock.now_ns())
+
+    def _limit(self) -> int:
+        deadline = self.machine.clock.next_deadline()
+        end = NEVER if deadline is None else self.clock.icount_at(deadline)
+        if self.source is not None:
+            end = min(end, self.source.next_point_position(), self.source.stop_position)
+        if self.until is not None:
+            end = min(end, self.until)
+        return end
+
+
+    def _advance(self, regs: Regs) -> None:
+        self.machine.vcpu.set_regs(regs)
+        self.ctl.icount += 1
+        self.ctl.rip = (self.cs_base + regs.rip) & 0xFFFFFFFFFFFFFFFF
+        self.position = self.ctl.icount
+        self.steps_emulated += 1
+
+    def _step_one(self) -> None:
+        """Execute the next instruction natively (it was looked at already)."""
+        c = self.ctl
+        c.flags |= lib.RR_STEP_NO_CHECK_ONCE
+        c.flags &= ~lib.RR_STEP_STOP_IF_OPEN
+        saved = c.stop_icount
+        c.stop_icount = c.icount + 1
+        vcpu = self.machine.vcpu
+        _check(lib.rr_step(vcpu.fd, vcpu._run, c, vcpu._exit), "KVM_RUN (single-step)")
+        self._sync_vcpu_flags()
+        c.stop_icount = saved
+        self.position = c.icount
+        if c.reason == lib.RR_STEP_EXIT:
+            self._exit()
+
+    def _special(self) -> None:
+        c = self.ctl
+        code = bytes(ffi.buffer(c.insn, c.insn_len))
+        sp = x86special.decode(code, self.long_mode)
+        if sp is None:
+            c.flags |= lib.RR_STEP_NO_CHECK_ONCE
+            return
+        K = x86special.Kind
+        vcpu = self.machine.vcpu
+        if sp.kind in (K.CR_WRITE, K.WRMSR):
+            self._step_one()
+            self._load_paging()
+            return
+        regs = vcpu.get_regs()
+        if sp.kind == K.HLT:
+            regs.rip = (regs.rip + sp.length) & 0xFFFFFFFFFFFFFFFF
+            self._advance(regs)
+            self._halt(regs)
+            return
+        ctx = x86special.EmulationContext(tsc=self.clock.now_ns(), random64=self._random)
+        if not x86special.emulate(sp, regs, ctx):
+            self._step_one()
+            return
+        self._advance(regs)
+
+    def _random(self) -> int:
+        if self.sink is not None:
+            value = int.from_bytes(os.urandom(8), "little")
+            self.sink.emit(ev.Random(self.ctl.icount, value))
+            return value
+        e = self.source.peek()
+        if not isinstance(e, ev.Random) or e.pos != self.ctl.icount:
+            self._diverged(f"the guest asked for a random number the recording does not have "
+                           f"(next recorded: {_describe_entry(e)})")
+        return self.source.pop().value
+
+    def _halt(self, regs: Regs) -> None:
+        m = self.machine
+        if not regs.rflags & 0x200:
+            raise GuestHung(m._report(
+                "the guest halted with interrupts disabled (cli; hlt): nothing can wake it up. "
+                "A kernel that is done should write its exit status to the debug-exit port 0xf4."))
+        m.vcpu.if_flag = True
+        injections = self.injections
+        while not m._intr and self.injections == injections and m._stop is None:
+            if self.sink is not None:
+                if not self.wait_for_host():
+                    raise GuestHung(m._report(
+                        "the guest halted waiting for an interrupt, but no timer is armed and no more "
+                        "serial input can arrive (give it input with --serial-in, or check its PIC masks)"))
+                self.point(False, sync=True)
+                self._rate_icount, self._rate_host = self.ctl.icount, host_monotonic_ns()
+            else:
+                p = self.source.point_at(self.ctl.icount)
+                if p is None:
+                    if self.ctl.icount >= self.source.stop_position:
+                        return
+                    self._diverged("the guest halted, and the recording has no wake-up at this instruction")
+                self.point(False, recorded=p)
+
+    def _exit(self) -> None:
+        m, c = self.machine, self.ctl
+        exit = m.vcpu.last_exit()
+        m.exits += 1
+        m.recent_exits.append(exit)
+        if isinstance(exit, Debug):
+            raise EngineError(f"unexpected debug exit at {exit.pc:#x} while single-stepping")
+        self.handle_exit(exit)
+        if m._stop is not None:
+            return
+        # Finish the instruction now, so every point sees a whole instruction.
+        c.flags |= lib.RR_STEP_COMPLETE
+        c.flags &= ~lib.RR_STEP_STOP_IF_OPEN
+        saved = c.stop_icount
+        c.stop_icount = c.icount + 1
+        _check(lib.rr_step(m.vcpu.fd, m.vcpu._run, c, m.vcpu._exit), "KVM_RUN (completing I/O)")
+        self._sync_vcpu_flags()
+        c.stop_icount = saved
+        self.position = c.icount
+        if isinstance(exit, (IoOut, IoIn)):
+            self.exit_check(exit)
+        self.point(True)
+
+
+# ---------------------------------------------------------------------------
+# Fast engine
+
+
+class FastEngine(Engine):
+    mode = "fast"
+    unit = "exit"
+
+    def __init__(self, *args, cpl3_landmarks: bool = False, **kw):
+        super().__init__(*args, **kw)
+        self.clock = SampledClock(self._sample)
+        self.cpl3_landmarks = cpl3_landmarks
+        self.landmarks = 0
+        self.delayed = 0
+        self.breakpoint_hits = ffi.new("uint64_t *")
+        self._retry_at = 0
+        self._want = ffi.new("struct kvm_regs *")
+
+    def settle(self) -> None:
+        vcpu = self.machine.vcpu
+        _check(lib.rr_settle(vcpu.fd, vcpu._run, vcpu._exit), "KVM_RUN (settle)")
+
+    def engine_state(self) -> dict:
+        return {"position": self.position, "clock_ns": self.clock.peek_ns(),
+                "guest_ns": self.clock.peek_ns(), "io_exits": self.io_exits}
+
+    def load_engine_state(self, s: dict) -> None:
+        self.clock.set(s["clock_ns"])
+        self.clock.new_point()
+        self.io_exits = s["io_exits"]
+
+    # -- time -----------------------------------------------------------------------
+    def _sample(self) -> int:
+        """A device read the clock while handling an exit."""
+        if self.sink is not None:
+            ns = self.host_virtual_ns()
+            self.sink.emit(ev.ClockRead(self.position, ns))
+            return ns
+        e = self.source.peek()
+        if not isinstance(e, ev.ClockRead) or e.pos != self.position:
+            self._diverged(f"the guest read the clock, and the recording has no clock value here "
+                           f"(next recorded: {_describe_entry(e)})")
+        return self.source.pop().time_ns
+
+    def sample_time(self) -> tuple[int, None]:
+        return self.host_virtual_ns(), None
+
+    def guest_now(self) -> int:
+        return self.clock.peek_ns()
+
+    def time_wanted(self) -> bool:
+        return not self.clock.fresh and self._time_due()
+
+    def set_time(self, ns: int, ps: Optional[int]) -> None:
+        self.clock.set(ns)
+
+    def run_due(self) -> None:
+        if self.clock.fresh:
+            self.clock.run_due()
+
+    def after_point(self, landmark: bool) -> None:
+        """Inject where it is deterministic: KVM delivers at the very next entry.
+
+        When the guest cannot take the interrupt now, the recorder asks for an
+        interrupt window; on this host the window exit does not come at a fixed
+        instruction, so it becomes a landmark (``_window_open``) and replay,
+        which never asks for windows, reaches it by breakpoint instead.
+        """
+        self.inject(window=self.sink is not None)
+        self.clock.new_point()
+
+    def _time_due(self) -> bool:
+        deadline = self.machine.clock.next_deadline()
+        return deadline is not None and self.host_virtual_ns() >= deadline
+
+    # -- the loop -------------------------------------------------------------------
+    def run(self) -> Outcome:
+        m = self.machine
+        vcpu = m.vcpu
+        vcpu.attach_kicks()
+        try:
+            while m._stop is None:
+                if self.source is not None:
+                    if self.position >= self.source.stop_position:
+                        return self._log_end()
+                    nxt = self.source.peek()
+                    if (isinstance(nxt, ev.Point) and nxt.landmark is not None
+                            and nxt.pos == self.position + 1):
+                        self._reach(nxt)
+                        continue
+                if self.until is not None and self.position >= self.until:
+                    return Outcome("until", 0, self.position, self.clock.peek_ns())
+                exit = vcpu.run(self._host_deadline())
+                if isinstance(exit, Interrupted):
+                    if self.sink is not None:
+                        self._kicked()
+                    continue
+                if isinstance(exit, IrqWindowOpen):
+                    if self.sink is None:
+                        raise EngineError("interrupt window exit during replay (replay never asks for one)")
+                    self._landmark(window=True)
+                    continue
+                self.position += 1
+                m.exits += 1
+                m.recent_exits.append(exit)
+                if isinstance(exit, Hlt):
+                    self._halt()
+                    continue
+                self.handle_exit(exit)
+                if m._stop is not None:
+                    break
+                if isinstance(exit, (IoOut, IoIn)):
+                    self.exit_check(exit)
+                self.point(True)
+        finally:
+            vcpu.detach_kicks()
+        reason, status = m._stop
+        return Outcome(reason, status, self.position, self.clock.peek_ns())
+
+    def _host_deadline(self) -> int:
+        if self.sink is None:
+            return 0
+        deadline = self.machine.clock.next_deadline()
+        if self.next_marker_ns < NEVER:
+            deadline = self.next_marker_ns if deadline is None else min(deadline, self.next_marker_ns)
+        m = self.machine
+        host = 0 if deadline is None else self.host_origin + deadline
+        if self._retry_at:
+            host = max(host, self._retry_at)
+            self._retry_at = 0
+        if m._end_ns is not None:
+            host = m._end_ns if host == 0 else min(host, m._end_ns)
+        return host
+
+
+    def _kicked(self) -> None:
+        """Recording: the vCPU was kicked; make a landmark if anything is due."""
+        m = self.machine
+        if m._end_ns is not None and host_monotonic_ns() >= m._end_ns:
+            raise GuestTimeout("timeout")
+        due = (self._time_due() or self.marker_requested
+               or self.host_virtual_ns() >= self.next_marker_ns
+               or (m.serial_in is not None and m.serial_in.pending and m.serial.rx_room() > 0))
+        if not due:
+            return
+        self._landmark(window=False)
+
+    def _landmark(self, window: bool) -> None:
+        """Recording: log the registers and dirty-page hash here, then deliver what is due."""
+        m = self.machine
+        if not self.cpl3_landmarks and m.vcpu.get_sregs().cpl == 3:
+            self._delay()   # replay could not stop here: deliver at the next chance
+            return
+        events = m.vcpu.get_vcpu_events()
+        if events[EVENT_EXCEPTION_INJECTED] or events[EVENT_EXCEPTION_PENDING] or events[EVENT_INTERRUPT_INJECTED]:
+            # The kick came between KVM_INTERRUPT (or an exception) and its
+            # delivery: replay would deliver before reaching these registers.
+            self._delay()
+            return
+        regs = m.vcpu.get_regs()
+        self.markers.tracker.collect()
+        digest = self.markers.tracker.digest(m.mem)
+        self.position += 1
+        self.landmarks += 1
+        self.point(False, sync=not window, landmark=(regs_tuple(regs), digest))
+
+    def _delay(self) -> None:
+        """Let the guest run a little before the next try (a due deadline would kick at once)."""
+        self.delayed += 1
+        self._retry_at = host_monotonic_ns() + RETRY_NS
+
+    def _reach(self, p: ev.Point) -> None:
+        """Replay: run to the landmark ``p`` and deliver it."""
+        m = self.machine
+        vcpu = m.vcpu
+        want = self._want
+        for name, value in zip(REG_NAMES, p.landmark):
+            setattr(want, name, value)
+        step_over = 0
+        while True:
+            r = lib.rr_run_to_regs(vcpu.fd, vcpu._run, want, step_over, self.breakpoint_hits, vcpu._exit)
+            _check(r, "KVM_RUN (landmark search)")
+            if r == lib.RR_LANDMARK_MATCH:
+                vcpu.if_flag = bool(vcpu._exit.if_flag)
+                vcpu.ready_for_injection = bool(vcpu._exit.ready_for_injection)
+                self.markers.tracker.collect()
+                if self.markers.tracker.digest(m.mem) == p.landmark_digest:
+                    break
+                step_over = 1
+            elif r == lib.RR_LANDMARK_KICK:
+                step_over = 0
+            else:
+                exit = vcpu.last_exit()
+                self._diverged(f"replay reached a {describe_exit_code(exit_code(exit))} "
+                               f"({type(exit).__name__}) before the recorded landmark at rip "
+                               f"{p.landmark[16]:#x}")
+        self.position = p.pos
+        self.landmarks += 1
+        self.last_match = p.pos
+        self.point(False, recorded=self.source.pop())
+
+    def _halt(self) -> None:
+        m = self.machine
+        if not m.vcpu.if_flag:
+            raise GuestHung(m._report(
+                "the guest halted with interrupts disabled (cli; hlt): nothing can wake it up. "
+                "A kernel that is done should write its exit status to the debug-exit port 0xf4."))
+        injections = self.injections
+        while not m._intr and self.injections == injections and m._stop is None:
+            if self.sink is not None:
+                if not self.wait_for_host():
+                    raise GuestHung(m._report(
+                        "the guest halted waiting for an interrupt, but no timer is armed and no more "
+                        "serial input can arrive (give it input with --serial-in, or check its PIC masks)"))
+                self.point(False, sync=True)
+            else:
+                p = self.source.point_at(self.position)
+                if p is None:
+                    if self.position >= self.source.stop_position:
+                        return
+                    self._diverged("the guest halted, and the recording has no wake-up at this exit")
+                self.point(False, recorded=p)
