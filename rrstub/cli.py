@@ -16,6 +16,7 @@ from rrstub import __version__
 EXIT_USAGE = 2
 EXIT_NO_KVM = 3
 EXIT_KVM_ERROR = 70
+EXIT_RECORDING = 2   # the recording file is unusable
 
 RUN_EPILOG = """\
 exit status:
@@ -61,6 +62,69 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+RECORD_EPILOG = """\
+modes:
+  exact  single-steps every guest instruction; the position in time is the
+         instruction count. rdtsc, rdtscp, rdrand, rdseed, rdpid, cpuid and
+         rdmsr of the TSC are emulated from the virtual clock, the log and a
+         fixed CPUID table. Slow (every instruction is a KVM exit) but complete.
+  fast   runs the guest freely; only deterministic exits, clock values, input
+         and "landmarks" (where an interrupt had to be delivered while the guest
+         computed) are logged. Near live speed. Cannot intercept rdtsc/rdrand
+         at guest CPL0.
+  auto   (default) picks one from what `rrstub doctor` measures on this host
+         (cached per boot) and says which and why.
+
+markers: a full snapshot at the start, then one every --marker-every seconds
+of guest time (pages the guest changed since the previous one); send SIGUSR1
+to the recorder for one more at the next opportunity.
+
+exit status: as `rrstub run` (the guest's own status, 70 crash, 71 hung,
+124 --timeout, 130 Ctrl-C). The recording is complete in every case: replay
+reproduces the crash, the hang, or the run up to the timeout.
+
+examples:
+  rrstub record examples/build/race.elf -o race.rrr
+  rrstub record examples/build/ticks.elf -o ticks.rrr --mode exact
+  printf 'hi\\n' | rrstub record examples/build/echo.elf --serial-in - -o echo.rrr
+"""
+
+REPLAY_EPILOG = """\
+Replay needs no input: serial input, clock values and interrupt timing all
+come from the recording, and the kernel image is inside it.
+
+exit status:
+  the guest's recorded exit status (and 70/71/124/130 as recorded) when the
+  replay matched the recording to its end
+  0    stopped at --until
+  65   the recording is incomplete (its recorder was killed): replayed up to the
+       last complete chunk
+  66   replay diverged from the recording (a report says where and what)
+  2    the recording file is unusable (damaged, truncated header, newer format,
+       wrong --kernel)
+
+examples:
+  rrstub replay race.rrr
+  rrstub replay race.rrr --until 500        # stop at position 500
+  rrstub replay race.rrr --until m2         # stop at marker 2
+  rrstub replay ticks.rrr --speed realtime
+"""
+
+
+def _speed(text: str) -> Optional[float]:
+    if text == "max":
+        return None
+    if text == "realtime":
+        return 1.0
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"speed must be max, realtime or a factor like 2 or 0.5, not {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"speed factor must be more than 0, not {text!r}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rrstub",
@@ -94,6 +158,49 @@ def build_parser() -> argparse.ArgumentParser:
                      help="command line passed to the kernel in its boot info")
     run.add_argument("-q", "--quiet", action="store_true",
                      help="no summary line on stderr when the guest stops")
+
+    rec = sub.add_parser(
+        "record", help="boot a kernel and record its run", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run a kernel like `rrstub run` and record everything that reaches it, into one "
+                    "self-contained file that `rrstub replay` reproduces exactly, on this or another machine.",
+        epilog=RECORD_EPILOG)
+    rec.add_argument("kernel", metavar="KERNEL", help="ELF64 x86-64 kernel image")
+    rec.add_argument("-o", "--output", required=True, metavar="REC", help="the recording file to write")
+    rec.add_argument("--mode", choices=("auto", "exact", "fast"), default="auto",
+                     help="recording engine (default auto; see below)")
+    rec.add_argument("--marker-every", type=_positive_float, default=1.0, metavar="SECONDS",
+                     help="take a marker every SECONDS of guest time (default 1)")
+    rec.add_argument("--no-markers", action="store_true", help="only the initial marker")
+    rec.add_argument("--mem", type=_size, default="64M", metavar="SIZE", help="guest RAM (default 64M)")
+    rec.add_argument("--serial-in", metavar="PATH|-", help="bytes for the guest's UART, as for `run`")
+    rec.add_argument("--serial-out", metavar="PATH", help="write the guest's UART output to this file")
+    rec.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
+                     help="stop recording after this many seconds (status 124); the recording is kept")
+    rec.add_argument("--cmdline", default="", metavar="TEXT", help="kernel command line")
+    rec.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
+
+    rep = sub.add_parser(
+        "replay", help="replay a recording", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Replay a recording: the guest runs again from the initial marker and prints "
+                    "the same serial output; state hashes in the recording are checked on the way, "
+                    "and any divergence is reported with the position where it happened.",
+        epilog=REPLAY_EPILOG)
+    rep.add_argument("recording", metavar="REC", help="a file written by `rrstub record`")
+    rep.add_argument("--until", metavar="POSITION|mN",
+                     help="stop at this position (instruction count in exact recordings, exit count "
+                          "in fast ones) or at marker N")
+    rep.add_argument("--speed", type=_speed, default=None, metavar="max|realtime|FACTOR",
+                     help="max (default), realtime (paced by the recorded guest time), or a factor")
+    rep.add_argument("--kernel", metavar="PATH",
+                     help="check that PATH is the kernel the recording was made with")
+    rep.add_argument("--serial-out", metavar="PATH", help="write the replayed UART output to this file")
+    rep.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
+
+    inf = sub.add_parser("info", help="describe a recording",
+                         description="Describe a recording without replaying it: guest time, "
+                                     "positions, markers, event counts, sizes, host and mode.")
+    inf.add_argument("recording", metavar="REC")
+    inf.add_argument("--json", action="store_true", help="print as JSON")
 
     doc = sub.add_parser("doctor", help="probe what this host's KVM can do",
                          description="Probe /dev/kvm live and print what this host supports.",
@@ -154,6 +261,154 @@ def cmd_run(args: argparse.Namespace) -> int:
     return result.status
 
 
+def _open_streams(serial_in_arg, serial_out_arg):
+    serial_in = serial_out = None
+    if serial_in_arg == "-":
+        serial_in = sys.stdin.buffer
+    elif serial_in_arg:
+        serial_in = open(serial_in_arg, "rb")
+    if serial_out_arg:
+        serial_out = open(serial_out_arg, "wb")
+    return serial_in, serial_out
+
+
+def _close_streams(*streams) -> None:
+    for f in streams:
+        if f is not None and f is not sys.stdin.buffer:
+            f.close()
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    from rrstub.hostfacts import choose_mode, host_facts
+    from rrstub.recording import RecordingError
+    from rrstub.session import exit_status, record
+    from vmm import boot
+    from vmm.memory import GuestMemoryError
+
+    try:
+        boot.load_kernel_file(args.kernel)
+    except boot.BootError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    facts = host_facts()
+    mode, why = (args.mode, "asked for on the command line") if args.mode != "auto" else choose_mode(facts)
+    if mode == "exact" and not facts.singlestep_cpl0:
+        _err("--mode exact needs single-stepping at guest CPL0, which this host's KVM does not do "
+             "(see `rrstub doctor`); use --mode fast")
+        return EXIT_USAGE
+    if not args.quiet:
+        _err(f"recording in {mode} mode: {why}")
+    try:
+        serial_in, serial_out = _open_streams(args.serial_in, args.serial_out)
+    except OSError as e:
+        _err(f"cannot open {e.filename}: {e.strerror}")
+        return EXIT_USAGE
+    try:
+        result = record(args.kernel, args.output, mode, mem_size=args.mem, cmdline=args.cmdline,
+                        serial_in=serial_in, serial_out=serial_out, timeout=args.timeout,
+                        marker_every_ns=0 if args.no_markers else int(args.marker_every * 1e9),
+                        mode_reason=why, nominal_ps=int(1e12 / facts.cpl0_instructions_per_s),
+                        cpl3_landmarks=facts.singlestep_cpl3, warn=_err)
+    except (boot.BootError, GuestMemoryError) as e:
+        _err(str(e))
+        return EXIT_USAGE
+    except RecordingError as e:
+        _err(str(e))
+        return EXIT_RECORDING
+    finally:
+        _close_streams(serial_in, serial_out)
+    o = result.outcome
+    if result.message:
+        _err(result.message)
+    if not args.quiet:
+        unit = "instructions" if mode == "exact" else "exits"
+        _err(f"recorded {o.reason} (status {o.status}) after {o.guest_ns / 1e9:.3f} s of guest time, "
+             f"{o.position} {unit}, {result.markers} markers, in {result.host_seconds:.2f} s: "
+             f"{args.output} ({result.file_bytes} bytes)")
+    return exit_status(o)
+
+
+def _parse_until(text: Optional[str], rec) -> Optional[int]:
+    if text is None:
+        return None
+    t = text.strip()
+    if t[:1] in "mM" and t[1:].isdigit():
+        index = int(t[1:])
+        if index >= len(rec.markers):
+            raise ValueError(f"--until {text}: the recording has markers m0..m{len(rec.markers) - 1}")
+        return rec.markers[index].meta["position"]
+    try:
+        value = int(t, 0)
+    except ValueError:
+        raise ValueError(f"--until {text!r}: give a position (a number) or a marker (m0, m1, ...)") from None
+    if value < 0:
+        raise ValueError(f"--until {text!r}: positions start at 0")
+    return value
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from rrstub.engines import Divergence, EngineError
+    from rrstub.recording import Recording, RecordingError
+    from rrstub.session import EXIT_DIVERGED, ReplayError, exit_status, replay
+
+    try:
+        with Recording.open(args.recording) as rec:
+            until = _parse_until(args.until, rec)
+    except RecordingError as e:
+        _err(str(e))
+        return EXIT_RECORDING
+    except ValueError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    serial_out = None
+    try:
+        if args.serial_out:
+            serial_out = open(args.serial_out, "wb")
+        result = replay(args.recording, until=until, speed=args.speed, serial_out=serial_out,
+                        kernel_check=args.kernel, warn=_err)
+    except OSError as e:
+        _err(f"cannot open {e.filename}: {e.strerror}")
+        return EXIT_USAGE
+    except (RecordingError, ReplayError) as e:
+        _err(str(e))
+        return EXIT_RECORDING
+    except Divergence as e:
+        _err(str(e))
+        return EXIT_DIVERGED
+    except EngineError as e:
+        _err(f"replay failed: {e}")
+        return EXIT_KVM_ERROR
+    finally:
+        _close_streams(serial_out)
+    o = result.outcome
+    unit = result.engine.unit
+    if o.reason == "incomplete":
+        _err(f"replayed the incomplete recording to its last complete chunk: {unit} {o.position}, "
+             f"{o.guest_ns / 1e9:.3f} s of guest time (the recorder did not finish the file)")
+    elif o.reason == "until":
+        _err(f"stopped at {unit} {o.position} (--until), {o.guest_ns / 1e9:.6f} s of guest time")
+    elif not args.quiet:
+        if o.detail and o.reason in ("crash", "hung", "timeout"):
+            _err(o.detail)
+        check = "matched the recording" if result.verified_end else "not verified"
+        _err(f"replayed {o.reason} (status {o.status}) at {unit} {o.position}, "
+             f"{o.guest_ns / 1e9:.3f} s of guest time, in {result.host_seconds:.2f} s: {check}")
+    return exit_status(o)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from rrstub.info import describe, format_info
+    from rrstub.recording import RecordingError
+
+    try:
+        info = describe(args.recording)
+    except RecordingError as e:
+        _err(str(e))
+        return EXIT_RECORDING
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from vmm.probe import format_report, probe_host
 
@@ -176,7 +431,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return {"run": cmd_run, "doctor": cmd_doctor}[args.command](args)
+        return {"run": cmd_run, "doctor": cmd_doctor, "record": cmd_record, "replay": cmd_replay,
+                "info": cmd_info}[args.command](args)
     except KvmUnavailable as e:
         _err(str(e))
         return EXIT_NO_KVM

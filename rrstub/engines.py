@@ -50,8 +50,7 @@ from vmm.machine import GuestHung, GuestTimeout, Machine, MachineError
 from vmm._native import ffi, lib
 
 SYNC_INTERVAL_NS = 20_000_000       # exact engine: re-base virtual time on the host this often
-INITIAL_PS_PER_INSTR = 3000         # exact engine: first guess of instruction time (ps)
-MIN_PS, MAX_PS = 10, 100_000_000
+NOMINAL_PS_PER_INSTR = 1000         # exact engine: the virtual CPU retires one instruction per ns
 CHECK_EVERY = 16                    # a state check every N deterministic I/O exits
 SYNC_CHECK_EVERY = 4                # exact engine: a state check in every Nth sync point
 FLUSH_INTERVAL_NS = 500_000_000     # write an event chunk at least this often
@@ -274,6 +273,10 @@ class Engine:
     def host_virtual_ns(self) -> int:
         """Host time since the recording began, in the virtual clock's scale."""
         return host_monotonic_ns() - self.host_origin
+
+    def idle_now_ns(self) -> int:
+        """Recording, guest halted: the virtual time it is now."""
+        return self.host_virtual_ns()
 
     # -- markers ---------------------------------------------------------------
     def initial_marker(self) -> Optional[tuple[bytes, dict]]:
@@ -543,7 +546,7 @@ class Engine:
                 return False
             if m.serial_in is not None and m.serial_in.pending and m.serial.rx_room() > 0:
                 return True
-            now = self.host_virtual_ns()
+            now = self.idle_now_ns()
             if deadline is not None and now >= deadline:
                 return True
             if m._end_ns is not None and host_monotonic_ns() >= m._end_ns:
@@ -578,7 +581,7 @@ class ExactEngine(Engine):
     mode = "exact"
     unit = "instruction"
 
-    def __init__(self, *args, ps_per_instr: int = INITIAL_PS_PER_INSTR, **kw):
+    def __init__(self, *args, ps_per_instr: int = NOMINAL_PS_PER_INSTR, **kw):
         super().__init__(*args, **kw)
         self.ctl = ffi.new("struct rr_step_ctl *")
         self.clock = IcountClock(lambda: self.ctl.icount, ps_per_instr)
@@ -589,6 +592,10 @@ class ExactEngine(Engine):
         self.cs_base = 0
         self.long_mode = True
         self.steps_emulated = 0
+        self.nominal_ps = ps_per_instr
+        self._busy_host_ns = 0
+        self._busy_instructions = 0
+        self._idle_from: Optional[tuple[int, int]] = None
 
     def attach(self, machine: Machine) -> None:
         super().attach(machine)
@@ -628,14 +635,37 @@ class ExactEngine(Engine):
 
     # -- time -----------------------------------------------------------------------
     def sample_time(self) -> tuple[int, int]:
+        """A sync point: the virtual time now, and the instruction time until the next one.
+
+        The virtual CPU runs at the nominal rate on average, whatever the cost
+        of stepping; each interval's rate follows how fast the host stepped in
+        it relative to the average, so host timing moves interrupts the way it
+        does in live runs, without making the guest see the recorder's
+        slowdown.  A halted guest's idle time passes at host speed.
+        """
         now = host_monotonic_ns()
+        if self._idle_from is not None:
+            ns = self.idle_now_ns()
+            self._idle_from = None
+            self._rate_icount, self._rate_host = self.ctl.icount, now
+            self._next_sync = now + SYNC_INTERVAL_NS
+            return ns, self.clock.ps_per_instr
         done = self.ctl.icount - self._rate_icount
         ps = self.clock.ps_per_instr
         if done >= 1000:
-            ps = min(MAX_PS, max(MIN_PS, (now - self._rate_host) * 1000 // done))
+            spent = now - self._rate_host
+            self._busy_host_ns += spent
+            self._busy_instructions += done
+            average = self._busy_host_ns / self._busy_instructions
+            ps = int(self.nominal_ps * (spent / done) / average)
+            ps = min(self.nominal_ps * 4, max(self.nominal_ps // 4, ps))
         self._rate_icount, self._rate_host = self.ctl.icount, now
         self._next_sync = now + SYNC_INTERVAL_NS
-        return now - self.host_origin, ps
+        return self.clock.now_ns(), ps
+
+    def idle_now_ns(self) -> int:
+        start_ns, start_host = self._idle_from
+        return start_ns + host_monotonic_ns() - start_host
 
     def set_time(self, ns: int, ps: Optional[int]) -> None:
         self.clock.sync(ns, ps or self.clock.ps_per_instr)
@@ -801,12 +831,12 @@ class ExactEngine(Engine):
         injections = self.injections
         while not m._intr and self.injections == injections and m._stop is None:
             if self.sink is not None:
+                self._idle_from = (self.clock.now_ns(), host_monotonic_ns())
                 if not self.wait_for_host():
                     raise GuestHung(m._report(
                         "the guest halted waiting for an interrupt, but no timer is armed and no more "
                         "serial input can arrive (give it input with --serial-in, or check its PIC masks)"))
                 self.point(False, sync=True)
-                self._rate_icount, self._rate_host = self.ctl.icount, host_monotonic_ns()
             else:
                 p = self.source.point_at(self.ctl.icount)
                 if p is None:

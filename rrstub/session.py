@@ -24,7 +24,7 @@ from typing import BinaryIO, Callable, Optional
 
 from rrstub import __version__
 from rrstub import events as ev
-from rrstub.engines import (DEFAULT_MARKER_EVERY_NS, INITIAL_PS_PER_INSTR, Divergence, Engine,
+from rrstub.engines import (DEFAULT_MARKER_EVERY_NS, NOMINAL_PS_PER_INSTR, Divergence, Engine,
                             ExactEngine, FastEngine, LogSink, LogSource, Outcome)
 from rrstub.markers import MarkerError, decode_marker
 from rrstub.recording import Recording, RecordingError, RecordingWriter
@@ -89,14 +89,15 @@ class RecordResult:
 def record(kernel_path: str, out_path: str, mode: str, *, mem_size: int, cmdline: str = "",
            serial_in: Optional[BinaryIO] = None, serial_out: Optional[BinaryIO] = None,
            timeout: Optional[float] = None, marker_every_ns: int = DEFAULT_MARKER_EVERY_NS,
-           mode_reason: str = "", warn: Callable[[str], None] = lambda m: None) -> RecordResult:
+           mode_reason: str = "", nominal_ps: int = NOMINAL_PS_PER_INSTR, cpl3_landmarks: bool = False,
+           warn: Callable[[str], None] = lambda m: None) -> RecordResult:
     """Record one run of ``kernel_path`` into ``out_path``; raises BootError for a bad kernel."""
     image = boot.load_kernel_file(kernel_path)
     kernel_bytes = Path(kernel_path).read_bytes()
     epoch = time.time_ns()
     config = {
         "mode": mode, "mode_reason": mode_reason, "mem_size": mem_size, "cmdline": cmdline,
-        "rtc_epoch_ns": epoch, "ps_per_instr": INITIAL_PS_PER_INSTR,
+        "rtc_epoch_ns": epoch, "ps_per_instr": nominal_ps,
         "marker_every_ns": marker_every_ns, "rrstub": __version__,
         "host": {"name": platform.node(), "kernel": platform.release(), "machine": platform.machine()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -104,7 +105,8 @@ def record(kernel_path: str, out_path: str, mode: str, *, mem_size: int, cmdline
     }
     writer = RecordingWriter(out_path, config, os.path.basename(kernel_path), kernel_bytes)
     sink = LogSink(writer)
-    engine = ENGINES[mode](sink=sink, marker_every_ns=marker_every_ns)
+    kw = {"ps_per_instr": nominal_ps} if mode == "exact" else {"cpl3_landmarks": cpl3_landmarks}
+    engine = ENGINES[mode](sink=sink, marker_every_ns=marker_every_ns, **kw)
     out = HashingStream(serial_out if serial_out is not None else sys.stdout.buffer)
     started = host_monotonic_ns()
     machine = None

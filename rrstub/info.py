@@ -1,0 +1,100 @@
+"""`rrstub info`: what a recording holds, read from its index without replaying it.
+
+Everything comes from chunk metadata (config, markers, event-chunk ranges,
+the END summary); event payloads are decoded only for an incomplete
+recording, whose counts are not in a summary.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+from rrstub import events as ev
+from rrstub.recording import ChunkKind, Recording
+
+UNITS = {"exact": "instructions", "fast": "exits"}
+
+
+def describe(path: str) -> dict:
+    with Recording.open(path) as rec:
+        c = rec.config
+        summary = rec.summary
+        sizes: dict[str, dict[str, int]] = {}
+        for chunk in rec.chunks:
+            s = sizes.setdefault(chunk.kind.name.lower(), {"chunks": 0, "raw": 0, "stored": 0})
+            s["chunks"] += 1
+            s["raw"] += chunk.raw_size
+            s["stored"] += chunk.stored_size
+        if summary is not None and "events" in summary:
+            counts = dict(summary["events"])
+        else:
+            counts = dict(_count_events(rec))
+        last = max((ch.meta.get("last", 0) for ch in rec.event_chunks), default=0)
+        markers = [{"index": m.meta["index"], "position": m.meta["position"],
+                    "guest_s": m.meta.get("guest_ns", 0) / 1e9, "full": m.meta.get("full", False),
+                    "pages": m.meta.get("pages"), "stored_bytes": m.stored_size} for m in rec.markers]
+        mode = c.get("mode", "?")
+        return {
+            "file": path, "format_version": rec.version, "file_bytes": rec.file_size,
+            "complete": not rec.recovered, "recovery_note": rec.recovery_note,
+            "mode": mode, "mode_reason": c.get("mode_reason", ""), "unit": UNITS.get(mode, "positions"),
+            "kernel": {"name": rec.kernel_name, "sha256": rec.kernel_sha256},
+            "machine": {"mem_bytes": c.get("mem_size"), "cmdline": c.get("cmdline", "")},
+            "recorded": {"host": c.get("host", {}), "created": c.get("created", ""),
+                         "rrstub": c.get("rrstub", ""), "serial_input": c.get("serial_input", False)},
+            "end": ({"reason": summary["reason"], "status": summary["status"],
+                     "position": summary["end_position"], "guest_s": summary["guest_ns"] / 1e9,
+                     "host_s": summary.get("host_seconds"), "serial_bytes": summary.get("serial_bytes"),
+                     "landmarks": summary.get("landmarks"), "exits": summary.get("exits")}
+                    if summary else None),
+            "last_position": summary["end_position"] if summary else last,
+            "markers": markers, "events": counts, "sizes": sizes,
+            "raw_bytes": sum(s["raw"] for s in sizes.values()),
+        }
+
+
+def _count_events(rec: Recording) -> Counter:
+    counts: Counter = Counter()
+    for _, payload in rec.iter_event_payloads():
+        for e in ev.decode_events(payload):
+            counts[type(e).__name__] += 1
+            if isinstance(e, ev.Point):
+                for part, present in (("input", e.input), ("marker", e.marker is not None),
+                                      ("landmark", e.landmark is not None), ("time", e.time_ns is not None)):
+                    if present:
+                        counts[f"Point.{part}"] += 1
+    return counts
+
+
+def format_info(i: dict) -> str:
+    lines = [f"{i['file']}: rrstub recording, format {i['format_version']}, {i['file_bytes']} bytes"]
+    if not i["complete"]:
+        lines.append(f"  INCOMPLETE: {i['recovery_note']}")
+    rec = i["recorded"]
+    host = rec["host"]
+    lines.append(f"  recorded {rec['created']} on {host.get('name', '?')} (Linux {host.get('kernel', '?')}, "
+                 f"{host.get('machine', '?')}) by rrstub {rec['rrstub']}")
+    lines.append(f"  mode: {i['mode']}" + (f" ({i['mode_reason']})" if i["mode_reason"] else ""))
+    lines.append(f"  kernel: {i['kernel']['name']} sha256 {i['kernel']['sha256']}")
+    m = i["machine"]
+    lines.append(f"  machine: {m['mem_bytes'] // (1 << 20) if m['mem_bytes'] else '?'} MiB RAM, "
+                 f"cmdline {m['cmdline']!r}, serial input {'recorded' if rec['serial_input'] else 'none'}")
+    e = i["end"]
+    if e:
+        lines.append(f"  ended: {e['reason']} (status {e['status']}) at {i['unit'][:-1]} {e['position']}, "
+                     f"{e['guest_s']:.6f} s of guest time, recorded in {e['host_s']:.2f} s")
+        extra = [f"{e['serial_bytes']} serial bytes out"]
+        if i["mode"] == "fast":
+            extra.append(f"{e['landmarks']} landmarks")
+        lines.append("         " + ", ".join(extra))
+    else:
+        lines.append(f"  ended: unknown (incomplete); the log covers up to {i['unit'][:-1]} {i['last_position']}")
+    lines.append(f"  markers: {len(i['markers'])}")
+    for mk in i["markers"]:
+        kind = "full" if mk["full"] else f"{mk['pages']} pages"
+        lines.append(f"    m{mk['index']:<3} at {i['unit'][:-1]} {mk['position']:<12} guest {mk['guest_s']:.6f} s  "
+                     f"{kind}, {mk['stored_bytes']} bytes")
+    lines.append("  events: " + (", ".join(f"{k} {v}" for k, v in sorted(i["events"].items())) or "none"))
+    lines.append("  sizes (raw -> stored):")
+    for kind, s in i["sizes"].items():
+        lines.append(f"    {kind:<7} {s['chunks']:>5} chunks  {s['raw']:>10} -> {s['stored']:>10} bytes")
+    return "\n".join(lines)
