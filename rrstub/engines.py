@@ -1019,7 +1019,7 @@ class FastEngine(Engine):
     def _landmark(self, window: bool) -> None:
         """Recording: log the registers and dirty-page hash here, then deliver what is due."""
         m = self.machine
-        if not self.cpl3_landmarks and m.vcpu.get_sregs().cpl == 3:
+        if not self.cpl3_landmarks and m.vcpu.cpl() == 3:
             self._delay()   # replay could not stop here: deliver at the next chance
             return
         events = m.vcpu.get_vcpu_events()

@@ -108,7 +108,10 @@ class MarkerKeeper:
         self.bytes = 0
 
     def capture(self, position: int, engine: dict, full: bool) -> tuple[bytes, bytes, dict]:
-        """(blob, digest, meta) of the machine now; starts a new dirty interval."""
+        """(blob, digest, meta) of the machine now; starts a new dirty interval.
+
+        A full marker is only taken at position 0, before the guest ran.
+        """
         m = self.machine
         self.settle()
         self.tracker.collect()
@@ -116,9 +119,9 @@ class MarkerKeeper:
         devices = m.device_states()
         devices_blob = snapshot.encode_devices(devices)
         if full:
-            pages = snapshot.encode_pages(m.mem, snapshot.nonzero_pages(m.mem))
-            pages_digest = 0
-            digest = chain_digest(snapshot.memory_digest(m.mem), vcpu, devices_blob, 0)
+            # Only the loader has written RAM before the first marker.
+            pages = snapshot.encode_pages(m.mem, sorted(m.mem.host_written))
+            digest = chain_digest(hashlib.blake2b(pages, digest_size=16).digest(), vcpu, devices_blob, 0)
         else:
             page_list = self.tracker.pages()
             pages = snapshot.encode_pages(m.mem, page_list)
@@ -131,15 +134,13 @@ class MarkerKeeper:
         self.bytes += len(blob)
         return blob, digest, meta
 
-    def current_digest(self, full: bool = False) -> bytes:
+    def current_digest(self) -> bytes:
         """What ``capture`` would compute now, without encoding pages: for verification."""
         m = self.machine
         self.settle()
         self.tracker.collect()
         vcpu = m.vcpu.get_state()
         devices_blob = snapshot.encode_devices(m.device_states())
-        if full:
-            return chain_digest(snapshot.memory_digest(m.mem), vcpu, devices_blob, 0)
         return chain_digest(self.last_digest, vcpu, devices_blob, self.tracker.digest(self.machine.mem))
 
     def verified(self, position: int, digest: bytes) -> None:

@@ -657,6 +657,12 @@ class Vcpu:
         _check(lib.rr_ioctl(self.fd, lib.KVM_GET_SREGS, c), "KVM_GET_SREGS")
         return _sregs_from_c(c)
 
+    def cpl(self) -> int:
+        """The current privilege level, without building the whole Sregs."""
+        c = ffi.new("struct kvm_sregs *")
+        _check(lib.rr_ioctl(self.fd, lib.KVM_GET_SREGS, c), "KVM_GET_SREGS")
+        return c.cs.dpl if c.cr0 & 1 else 0
+
     def set_sregs(self, sregs: Sregs) -> None:
         c = ffi.new("struct kvm_sregs *")
         _sregs_to_c(sregs, c)

@@ -45,6 +45,10 @@ class GuestMemory:
         self._cdata = ffi.from_buffer(self._map)
         self.host_addr = int(ffi.cast("uintptr_t", self._cdata))
         self.view = memoryview(self._map)
+        # Pages the VMM itself wrote (the loader): with the guest's writes,
+        # which KVM's dirty log reports, they are every page that can be
+        # non-zero, so a full snapshot need not scan all of RAM.
+        self.host_written: set[int] = set()
 
     def _check(self, paddr: int, length: int) -> None:
         if paddr < 0 or length < 0 or paddr + length > self.size:
@@ -59,6 +63,8 @@ class GuestMemory:
     def write(self, paddr: int, data: bytes) -> None:
         self._check(paddr, len(data))
         self.view[paddr:paddr + len(data)] = data
+        if data:
+            self.host_written.update(range(paddr // PAGE_SIZE, (paddr + len(data) - 1) // PAGE_SIZE + 1))
 
     def read_u64(self, paddr: int) -> int:
         self._check(paddr, 8)

@@ -101,6 +101,14 @@ void uart_write(const char *s, size_t n);
  * `0` padding and a field width: what the examples need, nothing more. */
 void kprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
+/* ---- kernel command line ---- */
+/* The value of the parameter "name=N" on the boot command line, a decimal
+ * number from 0 to `max`; `fallback` when the line has no such parameter,
+ * and also (after a message on the UART) when its value is not such a
+ * number. */
+unsigned cmdline_uint(const struct rrstub_boot_info *boot, const char *name,
+                      unsigned fallback, unsigned max);
+
 /* ---- what the compiler may call even with -ffreestanding ---- */
 void *memcpy(void *dst, const void *src, size_t n);
 void *memmove(void *dst, const void *src, size_t n);
