@@ -2,8 +2,9 @@
  * race: a data race that only host timing can decide.
  *
  * WORKERS kernel threads, each on its own stack, are preempted round-robin
- * by the PIT at 1 kHz.  Each calls increment() INCREMENTS times on the
- * shared `counter` without a lock.  increment() loads the counter, works
+ * by the PIT at 1 kHz.  Each calls increment() `increments` times on the
+ * shared `counter` without a lock (INCREMENTS unless the command line says
+ * "increments=N": smaller runs for the slow, exact recorder).  increment() loads the counter, works
  * for a while on its private copy, then stores copy + 1; a tick landing
  * inside that window lets the other threads run on, and their updates are
  * overwritten when this thread resumes and stores its stale value.  Where
@@ -20,6 +21,7 @@
 
 #define WORKERS       3
 #define INCREMENTS    10000     /* per worker; ~32 instructions each: ~0.75 s in all */
+#define MAX_INCREMENTS 100000000 /* WORKERS * this still fits an int */
 #define WINDOW_SPINS  8         /* the work between load and store */
 #define TICK_HZ       1000
 #define STACK_BYTES   8192
@@ -28,6 +30,7 @@
 #define THREADS       (1 + WORKERS)
 
 volatile int counter;
+static unsigned increments = INCREMENTS;
 
 struct thread {
     struct trap_frame *frame;   /* where it was preempted; resumed by iretq */
@@ -53,7 +56,7 @@ __attribute__((noinline)) void increment(void)
 
 void worker(uint64_t id)
 {
-    for (unsigned i = 0; i < INCREMENTS; i++)
+    for (unsigned i = 0; i < increments; i++)
         increment();
     threads[id].finished = 1;
     /* The scheduler never resumes a finished thread; idle until the next
@@ -115,8 +118,8 @@ static void thread_create(unsigned t, void (*entry)(uint64_t))
 
 int kmain(const struct rrstub_boot_info *boot)
 {
-    (void)boot;
     uart_init(0);
+    increments = cmdline_uint(boot, "increments", INCREMENTS, MAX_INCREMENTS);
     trap_init();
     for (unsigned t = 1; t < THREADS; t++)
         thread_create(t, worker);
@@ -132,7 +135,7 @@ int kmain(const struct rrstub_boot_info *boot)
         irq_wait();
     }
 
-    int expected = WORKERS * INCREMENTS;
+    int expected = WORKERS * (int)increments;
     int lost = expected - counter;
     kprintf("race: counter=%d expected=%d lost=%d\n", counter, expected, lost);
     return lost == 0 ? EXIT_OK : EXIT_FAILED;

@@ -7,8 +7,10 @@
  * must note the exact instruction each interrupt landed on for a replay to
  * deliver it there again.
  *
- * Prints "ticks: N work: 0x...": N varies with host timing, the work
- * result never does.  Exits 0 if at least one tick arrived, 1 if none.
+ * The loop runs WORK_ITERATIONS times, or N times with "work=N" on the
+ * command line.  Prints "ticks: N work: 0x...": N varies with host timing,
+ * the work result depends only on the iterations.  Exits 0 if at least one
+ * tick arrived, 1 if none.
  */
 #include "kernel.h"
 
@@ -37,14 +39,14 @@ __attribute__((noinline)) uint32_t busy_work(unsigned iterations)
 
 int kmain(const struct rrstub_boot_info *boot)
 {
-    (void)boot;
     uart_init(0);
+    unsigned iterations = cmdline_uint(boot, "work", WORK_ITERATIONS, 0xFFFFFFFFu);
     trap_init();
     irq_attach(RRSTUB_IRQ_PIT, count_tick);
     pit_start_periodic(TICK_HZ);
 
     irq_enable();
-    uint32_t result = busy_work(WORK_ITERATIONS);
+    uint32_t result = busy_work(iterations);
     irq_disable();
 
     unsigned seen = ticks;

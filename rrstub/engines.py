@@ -30,10 +30,9 @@ with nothing due) change nothing: they neither fire timers nor inject.
 """
 from __future__ import annotations
 
+import hashlib
 import os
-import signal
 import struct
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -43,10 +42,9 @@ from rrstub.markers import MarkerKeeper, MarkerState
 from rrstub.recording import Recording, RecordingWriter
 from vmm import x86special
 from vmm.clock import IcountClock, SampledClock
-from vmm.kvm import (Debug, FailEntry, Hlt, InternalError, Interrupted, IoIn, IoOut, IrqWindowOpen,
-                     KvmError, MmioRead, MmioWrite, Shutdown, SystemEvent, UnknownExit, REG_NAMES, Regs,
-                     _check, host_monotonic_ns)
-from vmm.machine import GuestHung, GuestTimeout, Machine, MachineError
+from vmm.kvm import (Debug, Hlt, Interrupted, IoIn, IoOut, IrqWindowOpen,
+                     MmioRead, MmioWrite, REG_NAMES, Regs, _check, host_monotonic_ns)
+from vmm.machine import GuestHung, GuestTimeout, Machine
 from vmm._native import ffi, lib
 
 SYNC_INTERVAL_NS = 20_000_000       # exact engine: re-base virtual time on the host this often
@@ -117,7 +115,6 @@ def regs_tuple(regs: Regs) -> tuple[int, ...]:
 
 
 def regs_digest(regs: Regs) -> int:
-    import hashlib
     return int.from_bytes(hashlib.blake2b(_REGS_STRUCT.pack(*regs_tuple(regs)), digest_size=8).digest(),
                           "little")
 
@@ -365,7 +362,6 @@ class Engine:
         logs the Point.  Replay: applies ``recorded`` (or the Point the log has
         here).
         """
-        m = self.machine
         if self.sink is not None:
             time_ns = ps = None
             if sync or self.time_wanted():
@@ -510,25 +506,7 @@ class Engine:
 
     # -- shared exit handling -------------------------------------------------------
     def handle_exit(self, exit) -> None:
-        m = self.machine
-        if isinstance(exit, IoOut):
-            m._on_io_out(exit)
-        elif isinstance(exit, IoIn):
-            m._on_io_in(exit)
-        elif isinstance(exit, MmioRead):
-            m._on_mmio_read(exit)
-        elif isinstance(exit, (MmioWrite, IrqWindowOpen)):
-            pass
-        elif isinstance(exit, Shutdown):
-            m._on_shutdown(exit)
-        elif isinstance(exit, InternalError):
-            m._on_internal_error(exit)
-        elif isinstance(exit, FailEntry):
-            m._on_fail_entry(exit)
-        elif isinstance(exit, SystemEvent):
-            m._on_system_event(exit)
-        else:
-            m._on_unexpected(exit)
+        self.machine.handlers[type(exit)](exit)
 
     def wait_for_host(self) -> bool:
         """Recording, guest halted: wait until a timer is due or input can enter.

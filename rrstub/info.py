@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 
 from rrstub import events as ev
-from rrstub.recording import ChunkKind, Recording
+from rrstub.recording import Recording
 
 UNITS = {"exact": "instructions", "fast": "exits"}
 

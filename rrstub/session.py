@@ -27,7 +27,7 @@ from rrstub import events as ev
 from rrstub.engines import (DEFAULT_MARKER_EVERY_NS, NOMINAL_PS_PER_INSTR, Divergence, Engine,
                             ExactEngine, FastEngine, LogSink, LogSource, Outcome)
 from rrstub.markers import MarkerError, decode_marker
-from rrstub.recording import Recording, RecordingError, RecordingWriter
+from rrstub.recording import Recording, RecordingWriter
 from vmm import boot
 from vmm.kvm import host_monotonic_ns
 from vmm.machine import (EXIT_CRASH, EXIT_HUNG, EXIT_TIMEOUT, GuestCrashed, GuestHung, GuestTimeout,

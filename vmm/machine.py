@@ -260,6 +260,16 @@ class Machine:
 
         self._window_requested = False
         self._end_ns: Optional[int] = None
+        # Exit dispatch, shared by the live loop and the record/replay engines
+        # (which handle Hlt, Interrupted and interrupt windows themselves).
+        self.handlers = {
+            IoOut: self._on_io_out, IoIn: self._on_io_in, Hlt: self._on_hlt,
+            Interrupted: _ignore, IrqWindowOpen: _ignore,
+            MmioRead: self._on_mmio_read, MmioWrite: _ignore,
+            Shutdown: self._on_shutdown, InternalError: self._on_internal_error,
+            FailEntry: self._on_fail_entry, Debug: self._on_unexpected,
+            SystemEvent: self._on_system_event, UnknownExit: self._on_unexpected,
+        }
         if serial_in is not None:
             self.serial_in = SerialInput(serial_in, self._wake, self.vcpu.kick)
 
@@ -294,14 +304,7 @@ class Machine:
         vcpu, clock = self.vcpu, self.clock
         vcpu.attach_kicks()
         end_ns = self._end_ns = None if timeout is None else clock.now_ns() + int(timeout * 1e9)
-        handlers = {
-            IoOut: self._on_io_out, IoIn: self._on_io_in, Hlt: self._on_hlt,
-            Interrupted: _ignore, IrqWindowOpen: _ignore,
-            MmioRead: self._on_mmio_read, MmioWrite: _ignore,
-            Shutdown: self._on_shutdown, InternalError: self._on_internal_error,
-            FailEntry: self._on_fail_entry, Debug: self._on_unexpected,
-            SystemEvent: self._on_system_event, UnknownExit: self._on_unexpected,
-        }
+        handlers = self.handlers
         to_host_ns = clock.to_host_ns
         recent = self.recent_exits
         try:

@@ -224,3 +224,78 @@ def test_host_clock_runs_due_timers_at_current_time():
     clock.timer(lambda: fired.append("now")).arm(0)
     clock.timer(lambda: fired.append("later")).arm(clock.now_ns() + 3_600_000_000_000)
     assert clock.run_due() == 1 and fired == ["now"]
+
+
+# -- engine clocks ----------------------------------------------------------
+
+from vmm.clock import IcountClock, SampledClock
+
+
+class Counter:
+    def __init__(self):
+        self.n = 0
+
+    def __call__(self):
+        return self.n
+
+
+def test_icount_clock_is_a_function_of_the_instruction_count():
+    c = Counter()
+    clock = IcountClock(c, ps_per_instr=1500, base_ns=100)
+    assert clock.now_ns() == 100
+    c.n = 1000
+    assert clock.now_ns() == 100 + 1500
+    c.n = 1001
+    assert clock.now_ns() == 100 + 1501   # 1001 * 1.5 ns, rounded down
+
+
+def test_icount_clock_sync_rebases_and_never_goes_back():
+    c = Counter()
+    clock = IcountClock(c, ps_per_instr=1000)
+    c.n = 5000
+    clock.sync(1_000_000, 2000)
+    assert clock.now_ns() == 1_000_000
+    c.n = 6000
+    assert clock.now_ns() == 1_000_000 + 2000
+    clock.sync(0, 1000)                   # an older time does not move the clock back
+    assert clock.now_ns() == 1_002_000
+    with pytest.raises(ValueError):
+        clock.sync(0, 0)
+
+
+@pytest.mark.parametrize("ps", [1, 999, 1000, 610_000])
+def test_icount_at_is_the_first_count_reaching_a_deadline(ps):
+    c = Counter()
+    clock = IcountClock(c, ps_per_instr=ps, base_ns=50)
+    for deadline in (50, 51, 1000, 123_457):
+        at = clock.icount_at(deadline)
+        c.n = at
+        assert clock.now_ns() >= deadline
+        if at > 0:
+            c.n = at - 1
+            assert clock.now_ns() < deadline
+        c.n = 0
+
+
+def test_icount_clock_fires_timers_at_their_instruction():
+    c = Counter()
+    clock = IcountClock(c, ps_per_instr=1000)
+    fired = []
+    clock.timer(lambda: fired.append(c.n)).arm(10)
+    c.n = clock.icount_at(clock.next_deadline())
+    clock.run_due()
+    assert fired == [10]
+
+
+def test_sampled_clock_samples_once_per_point():
+    values = iter([100, 250, 200])
+    clock = SampledClock(lambda: next(values))
+    assert clock.peek_ns() == 0 and not clock.fresh
+    assert clock.now_ns() == 100
+    assert clock.now_ns() == 100          # same point: no new sample
+    clock.new_point()
+    assert clock.now_ns() == 250
+    clock.new_point()
+    assert clock.now_ns() == 250          # a smaller sample never moves it back
+    clock.set(300)
+    assert clock.peek_ns() == 300 and clock.fresh
