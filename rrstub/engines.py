@@ -929,6 +929,8 @@ class FastEngine(Engine):
         vcpu.attach_kicks()
         try:
             while m._stop is None:
+                if self.until is not None and self.position >= self.until:
+                    return Outcome("until", 0, self.position, self.clock.peek_ns())
                 if self.source is not None:
                     if self.position >= self.source.stop_position:
                         return self._log_end()
@@ -937,8 +939,6 @@ class FastEngine(Engine):
                             and nxt.pos == self.position + 1):
                         self._reach(nxt)
                         continue
-                if self.until is not None and self.position >= self.until:
-                    return Outcome("until", 0, self.position, self.clock.peek_ns())
                 exit = vcpu.run(self._host_deadline())
                 if isinstance(exit, Interrupted):
                     if self.sink is not None:
