@@ -366,18 +366,30 @@ static int set_debug(int fd, uint32_t control, uint64_t dr0, uint64_t dr7)
     return ioctl(fd, KVM_SET_GUEST_DEBUG, &dbg) < 0 ? -errno : 0;
 }
 
-/* Finish an instruction whose exit (I/O, MMIO) userspace has just handled. */
-static int complete_instruction(int fd, struct kvm_run *run, struct rr_step_ctl *c, struct rr_exit *ex)
+/* Finish any I/O or MMIO the last exit left pending, without running guest
+ * code (KVM_RUN with immediate_exit), so the vCPU state can be saved. */
+int rr_settle(int vcpu_fd, void *run_area, struct rr_exit *ex)
 {
+    struct kvm_run *run = run_area;
     run->immediate_exit = 1;
-    int r = ioctl(fd, KVM_RUN, 0);
+    int r = ioctl(vcpu_fd, KVM_RUN, 0);
     int err = errno;
     run->immediate_exit = 0;
     ex->if_flag = run->if_flag;
     ex->ready_for_injection = run->ready_for_interrupt_injection;
     if (r < 0 && err != EINTR && err != EAGAIN)
         return -err;
-    if (r == 0 && run->exit_reason == KVM_EXIT_DEBUG) {
+    ex->settled_by_step = r == 0 && run->exit_reason == KVM_EXIT_DEBUG;
+    return 0;
+}
+
+/* Finish an instruction whose exit (I/O, MMIO) userspace has just handled. */
+static int complete_instruction(int fd, struct kvm_run *run, struct rr_step_ctl *c, struct rr_exit *ex)
+{
+    int r = rr_settle(fd, run, ex);
+    if (r < 0)
+        return r;
+    if (ex->settled_by_step) {
         c->rip = run->debug.arch.pc;
     } else {
         struct kvm_regs regs;
@@ -513,18 +525,3 @@ int rr_run_to_regs(int vcpu_fd, void *run_area, const void *want_regs, int step_
     return off < 0 ? off : result;
 }
 
-/* Finish any I/O or MMIO the last exit left pending, without running guest
- * code (KVM_RUN with immediate_exit), so the vCPU state can be saved. */
-int rr_settle(int vcpu_fd, void *run_area, struct rr_exit *ex)
-{
-    struct kvm_run *run = run_area;
-    run->immediate_exit = 1;
-    int r = ioctl(vcpu_fd, KVM_RUN, 0);
-    int err = errno;
-    run->immediate_exit = 0;
-    ex->if_flag = run->if_flag;
-    ex->ready_for_injection = run->ready_for_interrupt_injection;
-    if (r < 0 && err != EINTR && err != EAGAIN)
-        return -err;
-    return 0;
-}

@@ -29,6 +29,7 @@ struct rr_exit {
     uint64_t internal_data[16];
     uint64_t fail_entry_reason;
     uint32_t system_event_type;
+    uint8_t settled_by_step;    /* rr_settle: KVM reported the finished instruction as a step */
 };
 
 /* rr_step: the exact engine's single-step loop (see rrnative.c). */

@@ -44,7 +44,7 @@ from vmm import x86special
 from vmm.clock import IcountClock, SampledClock
 from vmm.kvm import (Debug, Hlt, Interrupted, IoIn, IoOut, IrqWindowOpen,
                      MmioRead, MmioWrite, REG_NAMES, Regs, _check, host_monotonic_ns)
-from vmm.machine import GuestHung, GuestTimeout, Machine
+from vmm.machine import GuestTimeout, Machine
 from vmm._native import ffi, lib
 
 SYNC_INTERVAL_NS = 20_000_000       # exact engine: re-base virtual time on the host this often
@@ -55,6 +55,7 @@ FLUSH_INTERVAL_NS = 500_000_000     # write an event chunk at least this often
 FLUSH_BYTES = 256 << 10
 DEFAULT_MARKER_EVERY_NS = 1_000_000_000
 NEVER = (1 << 63) - 1
+RFLAGS_IF = 0x200
 RETRY_NS = 100_000                  # fast engine: a kick that could not make a landmark retries after this
 # Byte offsets in struct kvm_vcpu_events: exception.injected, exception.pending, interrupt.injected.
 EVENT_EXCEPTION_INJECTED, EVENT_EXCEPTION_PENDING, EVENT_INTERRUPT_INJECTED = 0, 3, 8
@@ -508,6 +509,33 @@ class Engine:
     def handle_exit(self, exit) -> None:
         self.machine.handlers[type(exit)](exit)
 
+    def halt(self) -> None:
+        """The guest executed hlt: deliver points here until it has an interrupt.
+
+        Recording waits on the host (timers, input) and logs each wake-up;
+        replay applies the recorded wake-ups at this position.
+        """
+        m = self.machine
+        if not m.vcpu.if_flag:
+            raise m.halted_with_interrupts_off()
+        injections = self.injections
+        while not m._intr and self.injections == injections and m._stop is None:
+            if self.sink is not None:
+                self.before_idle()
+                if not self.wait_for_host():
+                    raise m.halted_for_good()
+                self.point(False, sync=True)
+            else:
+                p = self.source.point_at(self.position)
+                if p is None:
+                    if self.position >= self.source.stop_position:
+                        return
+                    self._diverged(f"the guest halted, and the recording has no wake-up at this {self.unit}")
+                self.point(False, recorded=p)
+
+    def before_idle(self) -> None:
+        """Recording: the guest is about to wait for the host."""
+
     def wait_for_host(self) -> bool:
         """Recording, guest halted: wait until a timer is due or input can enter.
 
@@ -780,7 +808,9 @@ class ExactEngine(Engine):
         if sp.kind == K.HLT:
             regs.rip = (regs.rip + sp.length) & 0xFFFFFFFFFFFFFFFF
             self._advance(regs)
-            self._halt(regs)
+            m = self.machine
+            m.vcpu.if_flag = bool(regs.rflags & RFLAGS_IF)
+            self.halt()
             return
         ctx = x86special.EmulationContext(tsc=self.clock.now_ns(), random64=self._random)
         if not x86special.emulate(sp, regs, ctx):
@@ -799,29 +829,8 @@ class ExactEngine(Engine):
                            f"(next recorded: {_describe_entry(e)})")
         return self.source.pop().value
 
-    def _halt(self, regs: Regs) -> None:
-        m = self.machine
-        if not regs.rflags & 0x200:
-            raise GuestHung(m._report(
-                "the guest halted with interrupts disabled (cli; hlt): nothing can wake it up. "
-                "A kernel that is done should write its exit status to the debug-exit port 0xf4."))
-        m.vcpu.if_flag = True
-        injections = self.injections
-        while not m._intr and self.injections == injections and m._stop is None:
-            if self.sink is not None:
-                self._idle_from = (self.clock.now_ns(), host_monotonic_ns())
-                if not self.wait_for_host():
-                    raise GuestHung(m._report(
-                        "the guest halted waiting for an interrupt, but no timer is armed and no more "
-                        "serial input can arrive (give it input with --serial-in, or check its PIC masks)"))
-                self.point(False, sync=True)
-            else:
-                p = self.source.point_at(self.ctl.icount)
-                if p is None:
-                    if self.ctl.icount >= self.source.stop_position:
-                        return
-                    self._diverged("the guest halted, and the recording has no wake-up at this instruction")
-                self.point(False, recorded=p)
+    def before_idle(self) -> None:
+        self._idle_from = (self.clock.now_ns(), host_monotonic_ns())
 
     def _exit(self) -> None:
         m, c = self.machine, self.ctl
@@ -953,7 +962,7 @@ class FastEngine(Engine):
                 m.exits += 1
                 m.recent_exits.append(exit)
                 if isinstance(exit, Hlt):
-                    self._halt()
+                    self.halt()
                     continue
                 self.handle_exit(exit)
                 if m._stop is not None:
@@ -1047,25 +1056,3 @@ class FastEngine(Engine):
         self.landmarks += 1
         self.last_match = p.pos
         self.point(False, recorded=self.source.pop())
-
-    def _halt(self) -> None:
-        m = self.machine
-        if not m.vcpu.if_flag:
-            raise GuestHung(m._report(
-                "the guest halted with interrupts disabled (cli; hlt): nothing can wake it up. "
-                "A kernel that is done should write its exit status to the debug-exit port 0xf4."))
-        injections = self.injections
-        while not m._intr and self.injections == injections and m._stop is None:
-            if self.sink is not None:
-                if not self.wait_for_host():
-                    raise GuestHung(m._report(
-                        "the guest halted waiting for an interrupt, but no timer is armed and no more "
-                        "serial input can arrive (give it input with --serial-in, or check its PIC masks)"))
-                self.point(False, sync=True)
-            else:
-                p = self.source.point_at(self.position)
-                if p is None:
-                    if self.position >= self.source.stop_position:
-                        return
-                    self._diverged("the guest halted, and the recording has no wake-up at this exit")
-                self.point(False, recorded=p)

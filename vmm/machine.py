@@ -371,11 +371,19 @@ class Machine:
     def _on_mmio_read(self, exit: MmioRead) -> None:
         self.vcpu.complete_mmio_read(b"\xff" * exit.length)
 
+    def halted_with_interrupts_off(self) -> GuestHung:
+        return GuestHung(self._report(
+            "the guest halted with interrupts disabled (cli; hlt): nothing can wake it up. "
+            "A kernel that is done should write its exit status to the debug-exit port 0xf4."))
+
+    def halted_for_good(self) -> GuestHung:
+        return GuestHung(self._report(
+            "the guest halted waiting for an interrupt, but no timer is armed and no more "
+            "serial input can arrive (give it input with --serial-in, or check its PIC masks)"))
+
     def _on_hlt(self, exit: Hlt) -> None:
         if not self.vcpu.if_flag:
-            raise GuestHung(self._report(
-                "the guest halted with interrupts disabled (cli; hlt): nothing can wake it up. "
-                "A kernel that is done should write its exit status to the debug-exit port 0xf4."))
+            raise self.halted_with_interrupts_off()
         self.serial_out.flush()
         clock = self.clock
         while self._stop is None:
@@ -388,9 +396,7 @@ class Machine:
             input_possible = (self.serial_in is not None and self.serial.rx_room() > 0
                               and (self.serial_in.pending or not self.serial_in.eof))
             if deadline is None and not input_possible:
-                raise GuestHung(self._report(
-                    "the guest halted waiting for an interrupt, but no timer is armed and no more "
-                    "serial input can arrive (give it input with --serial-in, or check its PIC masks)"))
+                raise self.halted_for_good()
             if self._end_ns is not None and clock.now_ns() >= self._end_ns:
                 return  # run() reports the timeout
             deadline = self._until_timeout(deadline)
