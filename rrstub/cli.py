@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -196,11 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--serial-out", metavar="PATH", help="write the replayed UART output to this file")
     rep.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
 
-    inf = sub.add_parser("info", help="describe a recording",
+    inf = sub.add_parser("info", help="describe a recording", formatter_class=argparse.RawDescriptionHelpFormatter,
                          description="Describe a recording without replaying it: guest time, "
-                                     "positions, markers, event counts, sizes, host and mode.")
+                                     "positions, markers, event counts, sizes, host and mode. It reads "
+                                     "only the index at the end of the file (or scans the chunk "
+                                     "headers of an incomplete one); --verify also checks every "
+                                     "chunk's checksums.",
+                         epilog="exit status:\n  0  described (also an incomplete recording: it says so)\n"
+                                "  2  the file is not a usable recording (the message names the byte "
+                                "offset and what to do)")
     inf.add_argument("recording", metavar="REC")
     inf.add_argument("--json", action="store_true", help="print as JSON")
+    inf.add_argument("--verify", action="store_true", help="read the whole file and check every checksum")
 
     doc = sub.add_parser("doctor", help="probe what this host's KVM can do",
                          description="Probe /dev/kvm live and print what this host supports.",
@@ -347,7 +355,7 @@ def _parse_until(text: Optional[str], rec) -> Optional[int]:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from rrstub.engines import Divergence, EngineError
+    from rrstub.engines import Divergence, EngineError, place
     from rrstub.recording import Recording, RecordingError
     from rrstub.session import EXIT_DIVERGED, ReplayError, exit_status, replay
 
@@ -383,15 +391,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
     o = result.outcome
     unit = result.engine.unit
     if o.reason == "incomplete":
-        _err(f"replayed the incomplete recording to its last complete chunk: {unit} {o.position}, "
+        _err(f"replayed the incomplete recording to its last complete chunk: {place(unit, o.position)}, "
              f"{o.guest_ns / 1e9:.3f} s of guest time (the recorder did not finish the file)")
     elif o.reason == "until":
-        _err(f"stopped at {unit} {o.position} (--until), {o.guest_ns / 1e9:.6f} s of guest time")
+        _err(f"stopped at {place(unit, o.position)} (--until), {o.guest_ns / 1e9:.6f} s of guest time")
     elif not args.quiet:
         if o.detail and o.reason in ("crash", "hung", "timeout"):
             _err(o.detail)
         check = "matched the recording" if result.verified_end else "not verified"
-        _err(f"replayed {o.reason} (status {o.status}) at {unit} {o.position}, "
+        _err(f"replayed {o.reason} (status {o.status}) at {place(unit, o.position)}, "
              f"{o.guest_ns / 1e9:.3f} s of guest time, in {result.host_seconds:.2f} s: {check}")
     return exit_status(o)
 
@@ -401,7 +409,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from rrstub.recording import RecordingError
 
     try:
-        info = describe(args.recording)
+        info = describe(args.recording, verify=args.verify)
     except RecordingError as e:
         _err(str(e))
         return EXIT_RECORDING
@@ -445,6 +453,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (`| head`): stop quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

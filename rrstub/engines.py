@@ -10,7 +10,7 @@ code; only ``LogSink`` (recording: asks the host, writes the log) and
 Exact engine (``ExactEngine``): single-steps every instruction in C
 (native/rrnative.c ``rr_step``); the position is the instruction count.
 Time is ``IcountClock``: a function of the instruction count, re-based at
-logged sync points (every ``SYNC_INTERVAL_NS`` of host time, and when a
+logged sync points (every ``SYNC_INTERVAL_NS`` of guest time, and when a
 halted guest wakes).  rdtsc/rdtscp/rdrand/rdseed/rdpid/cpuid/rdmsr(TSC) are
 emulated before they execute (vmm.x86special, fixed table vmm.cpuid); hlt is
 performed by the engine.
@@ -47,9 +47,9 @@ from vmm.kvm import (Debug, Hlt, Interrupted, IoIn, IoOut, IrqWindowOpen,
 from vmm.machine import GuestTimeout, Machine
 from vmm._native import ffi, lib
 
-SYNC_INTERVAL_NS = 20_000_000       # exact engine: re-base virtual time on the host this often
+SYNC_INTERVAL_NS = 50_000_000       # exact engine: a sync point every 50 ms of guest time
 NOMINAL_PS_PER_INSTR = 1000         # exact engine: the virtual CPU retires one instruction per ns
-CHECK_EVERY = 16                    # a state check every N deterministic I/O exits
+CHECK_INTERVAL_NS = 100_000_000     # a state check at the first I/O exit after this much guest time
 SYNC_CHECK_EVERY = 4                # exact engine: a state check in every Nth sync point
 FLUSH_INTERVAL_NS = 500_000_000     # write an event chunk at least this often
 FLUSH_BYTES = 256 << 10
@@ -62,6 +62,11 @@ EVENT_EXCEPTION_INJECTED, EVENT_EXCEPTION_PENDING, EVENT_INTERRUPT_INJECTED = 0,
 GUEST_ENDS = ("exit", "reset", "crash", "hung")
 
 
+def place(unit: str, position: int) -> str:
+    """A position in words: 'instruction 1234' (exact) or 'exit #1234' (fast)."""
+    return f"exit #{position}" if unit == "exit" else f"{unit} {position}"
+
+
 class Divergence(Exception):
     """Replay no longer follows the recording; the message is the report."""
 
@@ -70,8 +75,8 @@ class Divergence(Exception):
         self.what = what
         self.last_match = last_match
         super().__init__(
-            f"replay diverged from the recording at {unit} {position}: {what}\n"
-            f"last {unit} where replay matched the recording: {last_match}")
+            f"replay diverged from the recording at {place(unit, position)}: {what}\n"
+            f"last position where replay matched the recording: {place(unit, last_match)}")
 
 
 class EngineError(Exception):
@@ -243,7 +248,7 @@ class Engine:
         self.speed = speed
         self.position = 0
         self.last_match = 0
-        self.io_exits = 0
+        self.next_check_ns = 0
         self.points = 0
         self.injections = 0
         self.machine: Optional[Machine] = None
@@ -428,7 +433,7 @@ class Engine:
         """Replay reached ``LogSource.stop_position`` without the guest stopping."""
         e = self.source.end
         if e is not None and e.reason in GUEST_ENDS:
-            self._diverged(f"the recording ends with the guest's {e.reason} at {self.unit} {e.pos}, "
+            self._diverged(f"the recording ends with the guest's {e.reason} at {place(self.unit, e.pos)}, "
                            "and replay went past it")
         if e is not None:
             return Outcome(e.reason, e.status, self.position, self.guest_now(), e.detail)
@@ -461,10 +466,11 @@ class Engine:
         self.last_match = self.position
 
     def exit_check(self, exit) -> None:
-        """Every CHECK_EVERY deterministic I/O exits: log (record) or compare (replay) the state."""
-        self.io_exits += 1
-        if self.io_exits % CHECK_EVERY:
+        """At the first I/O exit each CHECK_INTERVAL_NS of guest time: log (record) or compare (replay) the state."""
+        now = self.guest_now()
+        if now < self.next_check_ns:
             return
+        self.next_check_ns = now + CHECK_INTERVAL_NS
         regs = self.machine.vcpu.get_regs()
         code = exit_code(exit)
         if self.sink is not None:
@@ -594,7 +600,7 @@ class ExactEngine(Engine):
         self._syncs = 0
         self._rate_icount = 0
         self._rate_host = host_monotonic_ns()
-        self._next_sync = 0
+        self._next_sync_ns = SYNC_INTERVAL_NS
         self.cs_base = 0
         self.long_mode = True
         self.steps_emulated = 0
@@ -615,14 +621,14 @@ class ExactEngine(Engine):
     def engine_state(self) -> dict:
         c = self.clock
         return {"icount": self.ctl.icount, "base_ns": c.base_ns, "base_icount": c.base_icount,
-                "ps_per_instr": c.ps_per_instr, "guest_ns": c.now_ns(), "io_exits": self.io_exits,
+                "ps_per_instr": c.ps_per_instr, "guest_ns": c.now_ns(), "next_check_ns": self.next_check_ns,
                 "syncs": self._syncs}
 
     def load_engine_state(self, s: dict) -> None:
         self.ctl.icount = s["icount"]
         self.clock.base_ns, self.clock.base_icount = s["base_ns"], s["base_icount"]
         self.clock.ps_per_instr = s["ps_per_instr"]
-        self.io_exits = s["io_exits"]
+        self.next_check_ns = s["next_check_ns"]
         self._syncs = s["syncs"]
 
     @property
@@ -654,7 +660,6 @@ class ExactEngine(Engine):
             ns = self.idle_now_ns()
             self._idle_from = None
             self._rate_icount, self._rate_host = self.ctl.icount, now
-            self._next_sync = now + SYNC_INTERVAL_NS
             return ns, self.clock.ps_per_instr
         done = self.ctl.icount - self._rate_icount
         ps = self.clock.ps_per_instr
@@ -666,7 +671,6 @@ class ExactEngine(Engine):
             ps = int(self.nominal_ps * (spent / done) / average)
             ps = min(self.nominal_ps * 4, max(self.nominal_ps // 4, ps))
         self._rate_icount, self._rate_host = self.ctl.icount, now
-        self._next_sync = now + SYNC_INTERVAL_NS
         return self.clock.now_ns(), ps
 
     def idle_now_ns(self) -> int:
@@ -705,7 +709,6 @@ class ExactEngine(Engine):
         vcpu.set_guest_debug(lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP)
         self._load_paging()
         self._rate_icount, self._rate_host = c.icount, host_monotonic_ns()
-        self._next_sync = self._rate_host + SYNC_INTERVAL_NS
         vcpu.attach_kicks()
         stalls = 0
         try:
@@ -717,7 +720,7 @@ class ExactEngine(Engine):
                 if self.until is not None and c.icount >= self.until:
                     return Outcome("until", 0, c.icount, self.clock.now_ns())
                 c.stop_icount = end
-                c.host_deadline = self._next_sync if self.sink is not None else 0
+                c.host_deadline = m._end_ns or 0 if self.sink is not None else 0
                 if m._intr:
                     c.flags |= lib.RR_STEP_STOP_IF_OPEN
                 else:
@@ -728,7 +731,10 @@ class ExactEngine(Engine):
                 self.position = c.icount
                 reason = c.reason
                 if reason == lib.RR_STEP_LIMIT or reason == lib.RR_STEP_IF_OPEN:
-                    delivered = self.point(True)
+                    sync = self.sink is not None and self.clock.now_ns() >= self._next_sync_ns
+                    if sync:
+                        self._next_sync_ns = self.clock.now_ns() + SYNC_INTERVAL_NS
+                    delivered = self.point(True, sync=sync)
                     if c.icount == before and not delivered and reason == lib.RR_STEP_LIMIT:
                         stalls += 1
                         if stalls > 1000:
@@ -740,9 +746,7 @@ class ExactEngine(Engine):
                 elif reason == lib.RR_STEP_EXIT:
                     self._exit()
                 elif reason == lib.RR_STEP_DEADLINE:
-                    if m._end_ns is not None and host_monotonic_ns() >= m._end_ns:
-                        raise GuestTimeout("timeout")
-                    self.point(False, sync=True)
+                    raise GuestTimeout("timeout")
                 elif reason == lib.RR_STEP_KICK:
                     if self.sink is not None:
                         self.point(False)
@@ -762,6 +766,8 @@ class ExactEngine(Engine):
     def _limit(self) -> int:
         deadline = self.machine.clock.next_deadline()
         end = NEVER if deadline is None else self.clock.icount_at(deadline)
+        if self.sink is not None:
+            end = min(end, self.clock.icount_at(self._next_sync_ns))
         if self.source is not None:
             end = min(end, self.source.next_point_position(), self.source.stop_position)
         if self.until is not None:
@@ -880,12 +886,12 @@ class FastEngine(Engine):
 
     def engine_state(self) -> dict:
         return {"position": self.position, "clock_ns": self.clock.peek_ns(),
-                "guest_ns": self.clock.peek_ns(), "io_exits": self.io_exits}
+                "guest_ns": self.clock.peek_ns(), "next_check_ns": self.next_check_ns}
 
     def load_engine_state(self, s: dict) -> None:
         self.clock.set(s["clock_ns"])
         self.clock.new_point()
-        self.io_exits = s["io_exits"]
+        self.next_check_ns = s["next_check_ns"]
 
     # -- time -----------------------------------------------------------------------
     def _sample(self) -> int:

@@ -9,13 +9,16 @@ from __future__ import annotations
 from collections import Counter
 
 from rrstub import events as ev
+from rrstub.engines import place
 from rrstub.recording import Recording
 
 UNITS = {"exact": "instructions", "fast": "exits"}
 
 
-def describe(path: str) -> dict:
+def describe(path: str, verify: bool = False) -> dict:
     with Recording.open(path) as rec:
+        if verify:
+            rec.verify()
         c = rec.config
         summary = rec.summary
         sizes: dict[str, dict[str, int]] = {}
@@ -80,18 +83,18 @@ def format_info(i: dict) -> str:
                  f"cmdline {m['cmdline']!r}, serial input {'recorded' if rec['serial_input'] else 'none'}")
     e = i["end"]
     if e:
-        lines.append(f"  ended: {e['reason']} (status {e['status']}) at {i['unit'][:-1]} {e['position']}, "
+        lines.append(f"  ended: {e['reason']} (status {e['status']}) at {place(i['unit'][:-1], e['position'])}, "
                      f"{e['guest_s']:.6f} s of guest time, recorded in {e['host_s']:.2f} s")
         extra = [f"{e['serial_bytes']} serial bytes out"]
         if i["mode"] == "fast":
             extra.append(f"{e['landmarks']} landmarks")
         lines.append("         " + ", ".join(extra))
     else:
-        lines.append(f"  ended: unknown (incomplete); the log covers up to {i['unit'][:-1]} {i['last_position']}")
+        lines.append(f"  ended: unknown (incomplete); the log covers up to {place(i['unit'][:-1], i['last_position'])}")
     lines.append(f"  markers: {len(i['markers'])}")
     for mk in i["markers"]:
         kind = "full" if mk["full"] else f"{mk['pages']} pages"
-        lines.append(f"    m{mk['index']:<3} at {i['unit'][:-1]} {mk['position']:<12} guest {mk['guest_s']:.6f} s  "
+        lines.append(f"    m{mk['index']:<3} at {place(i['unit'][:-1], mk['position']):<18} guest {mk['guest_s']:.6f} s  "
                      f"{kind}, {mk['stored_bytes']} bytes")
     lines.append("  events: " + (", ".join(f"{k} {v}" for k, v in sorted(i["events"].items())) or "none"))
     lines.append("  sizes (raw -> stored):")

@@ -361,6 +361,11 @@ class Recording:
         _parse_meta(self.path, chunk.offset, header, data[CHUNK_HEADER_SIZE:meta_end])
         return _unpack_payload(self.path, chunk.offset, header, data[meta_end:])
 
+    def verify(self) -> None:
+        """Check every chunk's header, meta and payload checksums (reads the whole file)."""
+        for chunk in self.chunks:
+            self.payload(chunk)
+
     def iter_event_payloads(self) -> Iterator[tuple[ChunkInfo, bytes]]:
         for chunk in self.event_chunks:
             yield chunk, self.payload(chunk)

@@ -25,7 +25,7 @@ from typing import BinaryIO, Callable, Optional
 from rrstub import __version__
 from rrstub import events as ev
 from rrstub.engines import (DEFAULT_MARKER_EVERY_NS, NOMINAL_PS_PER_INSTR, Divergence, Engine,
-                            ExactEngine, FastEngine, LogSink, LogSource, Outcome)
+                            ExactEngine, FastEngine, LogSink, LogSource, Outcome, place)
 from rrstub.markers import MarkerError, decode_marker
 from rrstub.recording import Recording, RecordingWriter
 from vmm import boot
@@ -155,7 +155,7 @@ def record(kernel_path: str, out_path: str, mode: str, *, mem_size: int, cmdline
 
 def _timeout_message(machine: Machine, engine: Engine, timeout) -> str:
     return machine._report(f"the guest was still running after --timeout {timeout:g} s "
-                           f"({engine.unit} {engine.position}); the recording ends there")
+                           f"({place(engine.unit, engine.position)}); the recording ends there")
 
 
 def _on_marker_signal(engine: Engine):
@@ -214,6 +214,7 @@ def replay(path: str, *, until: Optional[int] = None, speed: Optional[float] = N
     try:
         if rec.recovered:
             warn(rec.recovery_note)
+        rec.verify()   # a damaged chunk is an error up front, even one replay would not read
         config = rec.config
         mode = config.get("mode")
         if mode not in ENGINES:
@@ -255,8 +256,8 @@ def replay(path: str, *, until: Optional[int] = None, speed: Optional[float] = N
                         outcome.reason == "exit" and outcome.status != end.status):
                     raise Divergence(outcome.position,
                                      f"the run ended with {outcome.reason} (status {outcome.status}) at "
-                                     f"{engine.unit} {outcome.position}; the recording ended with "
-                                     f"{end.reason} (status {end.status}) at {engine.unit} {end.pos}",
+                                     f"{place(engine.unit, outcome.position)}; the recording ended with "
+                                     f"{end.reason} (status {end.status}) at {place(engine.unit, end.pos)}",
                                      engine.last_match, engine.unit)
                 summary = rec.summary or {}
                 if summary.get("serial_sha256") and summary["serial_sha256"] != out.hash.hexdigest():
