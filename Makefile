@@ -27,6 +27,8 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/python benchmarks/vmm_bench.py
+	@echo
+	$(VENV)/bin/python benchmarks/record_bench.py
 
 doctor: setup
 	$(VENV)/bin/rrstub doctor
