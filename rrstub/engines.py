@@ -59,6 +59,7 @@ RFLAGS_IF = 0x200
 RETRY_NS = 100_000                  # fast engine: a kick that could not make a landmark retries after this
 # Byte offsets in struct kvm_vcpu_events: exception.injected, exception.pending, interrupt.injected.
 EVENT_EXCEPTION_INJECTED, EVENT_EXCEPTION_PENDING, EVENT_INTERRUPT_INJECTED = 0, 3, 8
+EVENT_INTERRUPT_SHADOW = 11
 GUEST_ENDS = ("exit", "reset", "crash", "hung")
 
 
@@ -490,7 +491,7 @@ class Engine:
     def pace(self) -> None:
         if not self.speed:
             return
-        target = self.machine.clock.now_ns() / self.speed
+        target = self.guest_now() / self.speed
         ahead = target - (host_monotonic_ns() - self.host_origin)
         if ahead > 1_000_000:
             time.sleep(ahead / 1e9)
@@ -814,8 +815,7 @@ class ExactEngine(Engine):
         if sp.kind == K.HLT:
             regs.rip = (regs.rip + sp.length) & 0xFFFFFFFFFFFFFFFF
             self._advance(regs)
-            m = self.machine
-            m.vcpu.if_flag = bool(regs.rflags & RFLAGS_IF)
+            self._end_interrupt_shadow(regs)
             self.halt()
             return
         ctx = x86special.EmulationContext(tsc=self.clock.now_ns(), random64=self._random)
@@ -823,6 +823,22 @@ class ExactEngine(Engine):
             self._step_one()
             return
         self._advance(regs)
+
+    def _end_interrupt_shadow(self, regs: Regs) -> None:
+        """After an emulated hlt: the `sti` shadow it stood in is over, as after a real one.
+
+        KVM still holds the shadow (we skipped the instruction it covered), and
+        would refuse the interrupt that wakes the guest at the next instruction.
+        """
+        vcpu = self.machine.vcpu
+        events = bytearray(vcpu.get_vcpu_events())
+        if events[EVENT_INTERRUPT_SHADOW]:
+            events[EVENT_INTERRUPT_SHADOW] = 0
+            vcpu.set_vcpu_events(bytes(events))
+        can = 1 if regs.rflags & RFLAGS_IF and not events[EVENT_INTERRUPT_INJECTED] else 0
+        vcpu._exit.if_flag = 1 if regs.rflags & RFLAGS_IF else 0
+        vcpu._exit.ready_for_injection = can
+        self._sync_vcpu_flags()
 
     def _random(self) -> int:
         if self.sink is not None:

@@ -1,0 +1,408 @@
+"""Record and replay of the example kernels, end to end: the record/replay issue's 'done when' list.
+
+Replay checks every marker's digest itself (a mismatch is a Divergence);
+these tests check the same states without trusting that digest.  The
+engines are subclassed (``OBSERVING``) so that at each marker replay
+verifies, and where the run ends, they note the position, the vCPU's
+registers and a hash of all of guest RAM.  Replays of one recording must
+agree on all of it, and each marker must match what the recording itself
+stores: the registers in the marker blob, and the RAM that the blobs' page
+sets add up to.
+
+A replay "in a fresh process" runs this file as a script: the real CLI
+(``rrstub.cli.main``) with the observing engines installed, writing what
+they saw to a JSON file (``observed_cli``).
+
+Exact-mode workloads are small (``increments=``, ``work=`` on the kernel
+command line): that engine single-steps at about 130k instructions/s here.
+Fast-mode race is small too: replay finds each landmark by hardware
+breakpoint hits, which in race's tight loop makes a replay several times
+slower than the recording.  Guest RAM is 4 MiB so hashing all of it at
+every marker stays cheap.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Optional
+from unittest import mock
+
+import pytest
+
+from conftest import ROOT, rrstub
+from test_examples import RACE_LINE
+from rrstub import cli, session
+from rrstub.engines import ExactEngine, FastEngine, regs_tuple
+from rrstub.markers import decode_marker
+from rrstub.recording import Recording
+from vmm import snapshot
+
+pytestmark = [pytest.mark.kvm, pytest.mark.timeout(120)]
+
+MODES = ("fast", "exact")
+MEM = "4M"
+RACE_RUNS = 10
+RACE_ARGS = {"fast": ["--cmdline", "increments=3000", "--marker-every", "0.05"],
+             "exact": ["--cmdline", "increments=1000", "--marker-every", "0.015"]}
+TICKS_ARGS = {"fast": ["--marker-every", "0.1"],
+              "exact": ["--cmdline", "work=15000", "--marker-every", "0.02"]}
+TICKS_LINE = re.compile(rb"^ticks: (\d+) work: (0x[0-9a-f]{8})\n\Z")
+END = -1   # Seen.marker of the state where the run ended
+
+
+@dataclasses.dataclass(frozen=True)
+class Seen:
+    """The machine at a marker (or, with marker END, where a replay stopped)."""
+    marker: int
+    position: int
+    regs: tuple[int, ...]
+    sregs: str           # JSON of the Sregs fields
+    memory: str          # vmm.snapshot.memory_digest of all guest RAM, hex
+
+    @classmethod
+    def of(cls, marker: int, position: int, regs, sregs, memory) -> "Seen":
+        return cls(marker, position, regs_tuple(regs),
+                   json.dumps(dataclasses.asdict(sregs), sort_keys=True),
+                   snapshot.memory_digest(memory).hex())
+
+
+def _observing(base: type) -> type:
+    class Observing(base):
+        """Notes the machine at every verified marker and at the end of the run."""
+
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            self.seen: list[Seen] = []
+            OBSERVED.append(self)
+
+        def _verify_marker(self, point) -> None:
+            super()._verify_marker(point)
+            self.seen.append(self._look(point.marker))
+
+        def run(self):
+            outcome = super().run()
+            self.seen.append(self._look(END))
+            return outcome
+
+        def _look(self, marker: int) -> Seen:
+            m = self.machine
+            return Seen.of(marker, self.position, m.vcpu.get_regs(), m.vcpu.get_sregs(), m.mem)
+
+    Observing.__name__ = f"Observing{base.__name__}"
+    return Observing
+
+
+OBSERVING = {"fast": _observing(FastEngine), "exact": _observing(ExactEngine)}
+OBSERVED: list = []
+
+
+def observed_cli(argv: list[str]) -> int:
+    """This file run as a script: ``REPORT rrstub-args...``; what the engines saw goes to REPORT."""
+    report, *args = argv
+    with mock.patch.dict(session.ENGINES, OBSERVING):
+        status = cli.main(args)
+    Path(report).write_text(json.dumps([[dataclasses.astuple(s) for s in e.seen] for e in OBSERVED]))
+    return status
+
+
+def _load_seen(report: Path) -> list[Seen]:
+    (seen,) = json.loads(report.read_text())
+    return [Seen(marker, position, tuple(regs), sregs, memory)
+            for marker, position, regs, sregs, memory in seen]
+
+
+# ---------------------------------------------------------------------------
+# Recording and replaying
+
+
+def record(kernel: Path, rec: Path, mode: str, *args: str) -> subprocess.CompletedProcess:
+    return rrstub("record", str(kernel), "-o", str(rec), "--mode", mode, "--mem", MEM, "-q", *args)
+
+
+def record_piped(kernel: Path, rec: Path, mode: str, pieces: Iterable[tuple[bytes, float]],
+                 *args: str, timeout: float = 30) -> tuple[int, bytes, bytes]:
+    """Record with serial input written to a pipe from a thread: (data, then sleep seconds) pieces."""
+    proc = subprocess.Popen([sys.executable, "-m", "rrstub", "record", str(kernel), "-o", str(rec),
+                             "--mode", mode, "--mem", MEM, "-q", "--serial-in", "-",
+                             "--timeout", str(timeout), *args],
+                            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def feed():
+        for data, delay in pieces:
+            proc.stdin.write(data)
+            proc.stdin.flush()
+            time.sleep(delay)
+        proc.stdin.close()
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    stdout = proc.stdout.read()  # communicate() would close stdin under the feeder
+    stderr = proc.stderr.read()
+    proc.wait(timeout=timeout + 30)
+    feeder.join()
+    return proc.returncode, stdout, stderr
+
+
+class FreshReplay:
+    """``rrstub replay`` in a fresh process, observed; runs alongside whatever the test does next."""
+
+    def __init__(self, rec: Path, report: Path, *args: str):
+        self.report = report
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, str(report), "replay", str(rec), *args], cwd=ROOT,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])})
+
+    def wait(self) -> tuple[int, bytes, bytes, list[Seen]]:
+        stdout, stderr = self.proc.communicate(timeout=90)
+        seen = _load_seen(self.report) if self.report.exists() else []
+        return self.proc.returncode, stdout, stderr, seen
+
+
+def replay_observed(rec: Path, **kw) -> tuple[session.ReplayResult, bytes, list[Seen]]:
+    out = io.BytesIO()
+    with mock.patch.dict(session.ENGINES, OBSERVING):
+        result = session.replay(str(rec), serial_out=out, **kw)
+    return result, out.getvalue(), result.engine.seen
+
+
+def recorded_markers(rec: Path) -> list[Seen]:
+    """Every marker as the recording stores it; RAM is the sum of the page sets so far."""
+    with Recording.open(rec) as r:
+        ram = bytearray(r.config["mem_size"])
+        found = []
+        for chunk in r.markers:
+            state = decode_marker(r.payload(chunk))
+            snapshot.apply_pages(ram, state.pages)
+            found.append(Seen.of(state.index, state.position, state.vcpu.regs, state.vcpu.sregs, ram))
+        return found
+
+
+def check_markers(seen: list[Seen], rec: Path, until: Optional[int] = None) -> None:
+    """A replay saw every marker after m0 (up to ``until``) as recorded, then ended."""
+    expected = [m for m in recorded_markers(rec)[1:] if until is None or m.position <= until]
+    markers, end = seen[:-1], seen[-1]
+    assert end.marker == END
+    assert [m.marker for m in markers] == [m.marker for m in expected]
+    for got, want in zip(markers, expected):
+        assert got.position == want.position, f"m{want.marker}"
+        assert got.regs == want.regs, f"m{want.marker}: registers differ from the marker blob"
+        assert got.sregs == want.sregs, f"m{want.marker}: system registers differ from the marker blob"
+        assert got.memory == want.memory, f"m{want.marker}: RAM differs from the recorded pages"
+
+
+def guest_seconds(rec: Path) -> float:
+    with Recording.open(rec) as r:
+        return r.summary["guest_ns"] / 1e9
+
+
+def end_position(rec: Path) -> int:
+    with Recording.open(rec) as r:
+        return r.summary["end_position"]
+
+
+# ---------------------------------------------------------------------------
+# race: outcomes differ between recordings, never between replays
+
+
+@pytest.fixture(scope="module")
+def race_recordings(kernels, tmp_path_factory):
+    """RACE_RUNS recordings of race per mode, made on first use: [(path, stdout, status)]."""
+    made: dict[str, list[tuple[Path, bytes, int]]] = {}
+
+    def get(mode: str) -> list[tuple[Path, bytes, int]]:
+        if mode not in made:
+            folder = tmp_path_factory.mktemp(f"race-{mode}")
+            runs = []
+            for i in range(RACE_RUNS):
+                rec = folder / f"race{i}.rrr"
+                r = record(kernels / "race.elf", rec, mode, *RACE_ARGS[mode])
+                assert r.returncode in (0, 1), r.stderr
+                runs.append((rec, r.stdout, r.returncode))
+            made[mode] = runs
+        return made[mode]
+
+    return get
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", MODES)
+def test_race_recordings_show_different_outcomes(race_recordings, mode):
+    counters, losses = [], []
+    for rec, stdout, status in race_recordings(mode):
+        m = RACE_LINE.match(stdout)
+        assert m, stdout
+        counter, expected, lost = map(int, m.groups())
+        assert counter + lost == expected
+        assert status == (1 if lost else 0)
+        counters.append(counter)
+        losses.append(lost)
+    assert any(losses), f"none of {RACE_RUNS} {mode} recordings lost an update"
+    assert len(set(counters)) >= 2, f"{RACE_RUNS} {mode} recordings all gave counter={counters[0]}"
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", MODES)
+def test_race_replays_three_times_identically(race_recordings, mode, tmp_path):
+    for i, (rec, stdout, status) in enumerate(race_recordings(mode)):
+        fresh = FreshReplay(rec, tmp_path / f"seen{i}.json")
+        replays = []
+        for _ in range(2):
+            result, out, seen = replay_observed(rec)
+            assert (result.outcome.reason, result.outcome.status) == ("exit", status)
+            assert result.verified_end
+            assert out == stdout
+            replays.append(seen)
+        code, out, err, seen = fresh.wait()
+        assert code == status, err
+        assert b"matched the recording" in err
+        assert out == stdout
+        replays.append(seen)
+        assert replays[0] == replays[1] == replays[2], f"recording {i}: replays saw different states"
+        check_markers(replays[0], rec)
+        assert len(replays[0]) >= 3, "the recording should have markers after m0"
+
+
+# ---------------------------------------------------------------------------
+# ticks and echo
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ticks_records_and_replays_exactly(kernels, tmp_path, mode):
+    rec = tmp_path / "ticks.rrr"
+    r = record(kernels / "ticks.elf", rec, mode, *TICKS_ARGS[mode])
+    assert r.returncode == 0, r.stderr
+    recorded = TICKS_LINE.match(r.stdout)
+    assert recorded, r.stdout
+    assert int(recorded.group(1)) >= 20, "ticks should have seen many timer interrupts"
+    result, out, seen = replay_observed(rec)
+    assert (result.outcome.reason, result.outcome.status) == ("exit", 0)
+    assert result.verified_end
+    assert out == r.stdout
+    assert TICKS_LINE.match(out).group(1) == recorded.group(1)
+    check_markers(seen, rec)
+
+
+def _echo_input(rng: random.Random) -> bytes:
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?-_/()"
+    lines = []
+    while sum(len(l) + 1 for l in lines) < 10 * 1024:
+        lines.append("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 200))))
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _random_pieces(rng: random.Random, data: bytes) -> Iterable[tuple[bytes, float]]:
+    """Random chunk sizes and random host delays: input arrives while the guest runs and while it halts."""
+    pos = 0
+    while pos < len(data):
+        n = rng.randint(1, 700)
+        yield data[pos:pos + n], rng.choice([0, 0, 0.001, 0.02])
+        pos += n
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_echo_replays_10kb_of_input_without_any_input(kernels, tmp_path, mode):
+    rng = random.Random(3)
+    text = _echo_input(rng)
+    rec = tmp_path / "echo.rrr"
+    status, recorded, err = record_piped(kernels / "echo.elf", rec, mode,
+                                         _random_pieces(rng, text + b"quit\n"), "--marker-every", "0.05")
+    assert status == 0, err
+    assert recorded == text.upper() + b"bye\n"
+    # The fresh replay's stdin is /dev/null: everything the guest read comes from the recording.
+    code, out, err, seen = FreshReplay(rec, tmp_path / "seen.json").wait()
+    assert code == 0, err
+    assert b"matched the recording" in err
+    assert out == recorded
+    check_markers(seen, rec)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_input_wakes_a_guest_halted_after_sti(kernels, tmp_path, mode):
+    """echo waits with `sti; hlt; cli`: the interrupt must come after hlt, before the cli."""
+    rec = tmp_path / "echo.rrr"
+    status, recorded, err = record_piped(kernels / "echo.elf", rec, mode,
+                                         [(b"", 0.5), (b"hello\n", 0.3), (b"quit\n", 0)], timeout=10)
+    assert status == 0, err
+    assert recorded == b"HELLO\nbye\n"
+
+
+# ---------------------------------------------------------------------------
+# --until and --speed
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_replay_until_a_position_stops_there(race_recordings, tmp_path, mode):
+    rec, stdout, _ = race_recordings(mode)[0]
+    stop = end_position(rec) * 2 // 3
+    code, out, err, seen = FreshReplay(rec, tmp_path / "seen.json", "--until", str(stop)).wait()
+    assert code == 0, err
+    assert re.search(rb"stopped at \w+ #?%d \(--until\)" % stop, err), err
+    assert stdout.startswith(out)
+    assert seen[-1].position == stop
+    check_markers(seen, rec, until=stop)
+    result, _, again = replay_observed(rec, until=stop)
+    assert (result.outcome.reason, result.outcome.position) == ("until", stop)
+    assert again == seen
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_replay_until_a_marker_stops_at_it(race_recordings, tmp_path, mode):
+    rec, stdout, _ = race_recordings(mode)[0]
+    m1 = recorded_markers(rec)[1]
+    code, out, err, seen = FreshReplay(rec, tmp_path / "seen.json", "--until", "m1").wait()
+    assert code == 0, err
+    assert re.search(rb"stopped at \w+ #?%d \(--until\)" % m1.position, err), err
+    assert stdout.startswith(out)
+    check_markers(seen, rec, until=m1.position)
+    assert [s.marker for s in seen] == [1, END]
+    end = seen[-1]
+    assert (end.position, end.regs, end.memory) == (m1.position, m1.regs, m1.memory)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_replay_at_realtime_takes_the_recorded_guest_time(kernels, tmp_path, mode):
+    # The guest idles a second waiting for input: replay at max speed skips that, realtime must not.
+    # Markers every 10 ms: replay paces at points with and without a recorded clock value.
+    rec = tmp_path / "echo.rrr"
+    status, recorded, err = record_piped(kernels / "echo.elf", rec, mode,
+                                         [(b"hello\n", 1.0), (b"quit\n", 0)], "--marker-every", "0.01",
+                                         timeout=15)
+    assert status == 0, err
+    assert recorded == b"HELLO\nbye\n"
+    guest = guest_seconds(rec)
+    assert guest >= 0.5  # the recorder starts up while the first line waits in the pipe
+    fastest, _, _ = replay_observed(rec)
+    assert fastest.host_seconds < guest / 2
+    started = time.monotonic()
+    r = rrstub("replay", str(rec), "--speed", "realtime")
+    took = time.monotonic() - started
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == recorded
+    assert guest * 0.95 <= took <= guest + 10
+
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_paced_replay_takes_no_clock_value_the_recording_lacks(kernels, tmp_path, mode):
+    """A marker often lands on the point after the one whose clock value made it due; that
+    point has no clock value in the log, and pacing must not ask for one."""
+    rec = tmp_path / "race.rrr"
+    r = record(kernels / "race.elf", rec, mode, "--cmdline", "increments=300", "--marker-every", "0.001")
+    assert r.returncode in (0, 1), r.stderr
+    paced = rrstub("replay", str(rec), "--speed", "100")
+    assert paced.returncode == r.returncode, paced.stderr
+    assert paced.stdout == r.stdout
+
+
+if __name__ == "__main__":
+    sys.exit(observed_cli(sys.argv[1:]))
