@@ -51,7 +51,8 @@ SYNC_INTERVAL_NS = 50_000_000       # exact engine: a sync point every 50 ms of 
 NOMINAL_PS_PER_INSTR = 1000         # exact engine: the virtual CPU retires one instruction per ns
 CHECK_INTERVAL_NS = 100_000_000     # a state check at the first I/O exit after this much guest time
 SYNC_CHECK_EVERY = 4                # exact engine: a state check in every Nth sync point
-FLUSH_INTERVAL_NS = 500_000_000     # write an event chunk at least this often
+FLUSH_INTERVAL_NS = 2_000_000_000   # write buffered events at least this often (host time)
+IDLE_FLUSH_INTERVAL_NS = 5_000_000_000  # with nothing buffered, still mark progress this often
 FLUSH_BYTES = 256 << 10
 DEFAULT_MARKER_EVERY_NS = 1_000_000_000
 NEVER = (1 << 63) - 1
@@ -153,8 +154,9 @@ class LogSink:
         self.entries += 1
 
     def maybe_flush(self, position: int) -> None:
+        waited = host_monotonic_ns() - self.last_flush
         if (len(self.encoder.buf) >= FLUSH_BYTES
-                or host_monotonic_ns() - self.last_flush >= FLUSH_INTERVAL_NS):
+                or waited >= (FLUSH_INTERVAL_NS if self.encoder.count else IDLE_FLUSH_INTERVAL_NS)):
             self.flush(position)
 
     def flush(self, position: int) -> None:
@@ -308,6 +310,7 @@ class Engine:
     def _take_marker(self) -> tuple[int, bytes]:
         index = self.markers.count
         blob, digest, meta = self.markers.capture(self.position, self.engine_state(), full=False)
+        self.sink.flush(self.position)   # the events before a marker come before it in the file
         self.marker_sink(blob, meta)
         self.marker_requested = False
         self._schedule_next_marker()
