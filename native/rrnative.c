@@ -190,24 +190,43 @@ uint64_t rr_monotonic_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+#define RUN_KICKED 1
+
+/*
+ * One KVM_RUN, as every loop here does it: 0 for an exit (see run->exit_reason),
+ * RUN_KICKED when it came back with EINTR (a kick, or immediate_exit), or
+ * -errno.  The interrupt flags of the exit are copied to *ex either way.  A
+ * kick consumes immediate_exit; after a real exit it is left alone, so a kick
+ * that landed just then makes the next KVM_RUN return at once instead of
+ * being lost.
+ */
+static int run_once(int vcpu_fd, struct kvm_run *run, struct rr_exit *ex)
+{
+    int r = ioctl(vcpu_fd, KVM_RUN, 0);
+    int err = errno;
+    ex->if_flag = run->if_flag;
+    ex->ready_for_injection = run->ready_for_interrupt_injection;
+    if (r >= 0)
+        return 0;
+    if (err != EINTR && err != EAGAIN)
+        return -err;
+    run->immediate_exit = 0;
+    return RUN_KICKED;
+}
+
 int rr_vcpu_run(int vcpu_fd, void *run_area, uint64_t deadline_ns, struct rr_exit *ex)
 {
     struct kvm_run *run = run_area;
     int r = arm_deadline(deadline_ns);
     if (r < 0)
         return r;
-    r = ioctl(vcpu_fd, KVM_RUN, 0);
-    int err = errno;
-    run->immediate_exit = 0;
-    ex->if_flag = run->if_flag;
-    ex->ready_for_injection = run->ready_for_interrupt_injection;
-    if (r < 0) {
-        if (err == EINTR || err == EAGAIN) {
-            ex->reason = RR_EXIT_INTR;
-            armed_deadline = 0;  /* a deadline already passed is re-armed, so it kicks again */
-            return 0;
-        }
-        return -err;
+    r = run_once(vcpu_fd, run, ex);
+    if (r < 0)
+        return r;
+    if (r == RUN_KICKED) {
+        ex->reason = RR_EXIT_INTR;
+        armed_deadline = 0;  /* a deadline already passed is re-armed, so it kicks again */
+        return 0;
     }
     decode_exit(run, ex);
     return 0;
@@ -372,13 +391,10 @@ int rr_settle(int vcpu_fd, void *run_area, struct rr_exit *ex)
 {
     struct kvm_run *run = run_area;
     run->immediate_exit = 1;
-    int r = ioctl(vcpu_fd, KVM_RUN, 0);
-    int err = errno;
+    int r = run_once(vcpu_fd, run, ex);
     run->immediate_exit = 0;
-    ex->if_flag = run->if_flag;
-    ex->ready_for_injection = run->ready_for_interrupt_injection;
-    if (r < 0 && err != EINTR && err != EAGAIN)
-        return -err;
+    if (r < 0)
+        return r;
     ex->settled_by_step = r == 0 && run->exit_reason == KVM_EXIT_DEBUG;
     return 0;
 }
@@ -439,17 +455,12 @@ int rr_step(int vcpu_fd, void *run_area, struct rr_step_ctl *c, struct rr_exit *
                 return 0;
             }
         }
-        r = ioctl(vcpu_fd, KVM_RUN, 0);
-        int err = errno;
-        ex->if_flag = run->if_flag;
-        ex->ready_for_injection = run->ready_for_interrupt_injection;
-        if (r < 0) {
-            run->immediate_exit = 0;
-            if (err == EINTR || err == EAGAIN) {
-                c->reason = RR_STEP_KICK;
-                return 0;
-            }
-            return -err;
+        r = run_once(vcpu_fd, run, ex);
+        if (r < 0)
+            return r;
+        if (r == RUN_KICKED) {
+            c->reason = RR_STEP_KICK;
+            return 0;
         }
         if (run->exit_reason == KVM_EXIT_DEBUG) {
             c->icount++;
@@ -485,16 +496,10 @@ int rr_run_to_regs(int vcpu_fd, void *run_area, const void *want_regs, int step_
         r = set_debug(vcpu_fd, over ? step : bp, want->rip, over ? 0 : 1);
         if (r < 0)
             break;
-        r = ioctl(vcpu_fd, KVM_RUN, 0);
-        int err = errno;
-        ex->if_flag = run->if_flag;
-        ex->ready_for_injection = run->ready_for_interrupt_injection;
-        if (r < 0) {
-            run->immediate_exit = 0;
-            if (err != EINTR && err != EAGAIN) {
-                r = -err;
-                break;
-            }
+        r = run_once(vcpu_fd, run, ex);
+        if (r < 0)
+            break;
+        if (r == RUN_KICKED) {
             r = 0;
             result = RR_LANDMARK_KICK;
             break;
