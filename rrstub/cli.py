@@ -233,14 +233,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except boot.BootError as e:
         _err(str(e))
         return EXIT_USAGE
-    serial_in = serial_out = None
     try:
-        if args.serial_in == "-":
-            serial_in = sys.stdin.buffer
-        elif args.serial_in:
-            serial_in = open(args.serial_in, "rb")
-        if args.serial_out:
-            serial_out = open(args.serial_out, "wb")
+        serial_in, serial_out = _open_streams(args.serial_in, args.serial_out)
     except OSError as e:
         _err(f"cannot open {e.filename}: {e.strerror}")
         return EXIT_USAGE
@@ -259,9 +253,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         finally:
             machine.close()
     finally:
-        for f in (serial_in, serial_out):
-            if f is not None and f is not sys.stdin.buffer:
-                f.close()
+        _close_streams(serial_in, serial_out)
     if not args.quiet:
         how = ("reset the machine (i8042)" if result.reason == "reset"
                else f"exited with status {result.status}")

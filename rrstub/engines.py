@@ -38,9 +38,9 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from rrstub import events as ev
-from rrstub.markers import MarkerKeeper, MarkerState
+from rrstub.markers import MarkerKeeper, MarkerState, decode_marker
 from rrstub.recording import Recording, RecordingWriter
-from vmm import x86special
+from vmm import snapshot, x86special
 from vmm.clock import IcountClock, SampledClock
 from vmm.kvm import (Debug, Hlt, Interrupted, IoIn, IoOut, IrqWindowOpen,
                      MmioRead, MmioWrite, REG_NAMES, Regs, _check, host_monotonic_ns)
@@ -58,9 +58,6 @@ DEFAULT_MARKER_EVERY_NS = 1_000_000_000
 NEVER = (1 << 63) - 1
 RFLAGS_IF = 0x200
 RETRY_NS = 100_000                  # fast engine: a kick that could not make a landmark retries after this
-# Byte offsets in struct kvm_vcpu_events: exception.injected, exception.pending, interrupt.injected.
-EVENT_EXCEPTION_INJECTED, EVENT_EXCEPTION_PENDING, EVENT_INTERRUPT_INJECTED = 0, 3, 8
-EVENT_INTERRUPT_SHADOW = 11
 GUEST_ENDS = ("exit", "reset", "crash", "hung")
 
 
@@ -139,19 +136,10 @@ class LogSink:
         self.encoder = ev.EventEncoder()
         self.last_flush = host_monotonic_ns()
         self.counts: dict[str, int] = {}
-        self.entries = 0
 
     def emit(self, e: ev.Entry) -> None:
         self.encoder.add(e)
-        name = type(e).__name__
-        self.counts[name] = self.counts.get(name, 0) + 1
-        if isinstance(e, ev.Point):
-            for part, present in (("input", e.input), ("marker", e.marker is not None),
-                                  ("landmark", e.landmark is not None),
-                                  ("time", e.time_ns is not None)):
-                if present:
-                    self.counts[f"Point.{part}"] = self.counts.get(f"Point.{part}", 0) + 1
-        self.entries += 1
+        ev.count(self.counts, e)
 
     def maybe_flush(self, position: int) -> None:
         waited = host_monotonic_ns() - self.last_flush
@@ -248,12 +236,12 @@ class Engine:
         self.next_marker_ns = marker_every_ns if marker_every_ns > 0 else NEVER
         self.marker_requested = False
         self.until = until
+        self.end_host_ns: Optional[int] = None   # recording: --timeout, as host CLOCK_MONOTONIC
         self.speed = speed
         self.position = 0
         self.last_match = 0
         self.next_check_ns = 0
         self.points = 0
-        self.injections = 0
         self.machine: Optional[Machine] = None
         self.markers: Optional[MarkerKeeper] = None
         self.marker_sink: Optional[Callable[[bytes, dict], None]] = None
@@ -330,13 +318,12 @@ class Engine:
         if digest != point.marker_digest:
             self._diverged(f"machine state differs from marker {point.marker}: "
                            + self.explain_marker_mismatch(point.marker))
-        self.markers.verified(self.position, digest)
+        self.markers.verified(digest)
         self._schedule_next_marker()
         self.last_match = self.position
 
     def explain_marker_mismatch(self, index: int) -> str:
         """Name the register, device or page that differs from a recorded marker."""
-        from rrstub.markers import decode_marker
         rec = self.source.recording
         if index >= len(rec.markers):
             return "(the marker itself is not in the file)"
@@ -351,7 +338,6 @@ class Engine:
         devices = m.device_states()
         diffs += [f"device {name} state differs" for name in devices if devices[name] != saved.devices.get(name)]
         if not diffs:
-            from vmm import snapshot
             scratch = bytearray(m.mem.view[:])
             snapshot.apply_pages(scratch, saved.pages)
             view = m.mem.view
@@ -426,12 +412,7 @@ class Engine:
 
     def _take_input(self) -> bytes:
         m = self.machine
-        if m.serial_in is None or not m.serial_in.pending:
-            return b""
-        room = m.serial.rx_room()
-        if not room:
-            return b""
-        return m.serial_in.take(room)
+        return m.serial_in.take(m.serial.rx_room()) if m.input_waiting() else b""
 
     def _log_end(self) -> Outcome:
         """Replay reached ``LogSource.stop_position`` without the guest stopping."""
@@ -442,19 +423,6 @@ class Engine:
         if e is not None:
             return Outcome(e.reason, e.status, self.position, self.guest_now(), e.detail)
         return Outcome("incomplete", 0, self.position, self.guest_now())
-
-    def inject(self, window: bool = False) -> None:
-        """Give the guest the PIC's interrupt if it can take one now; else ask for a window (if ``window``)."""
-        m = self.machine
-        vcpu = m.vcpu
-        if m._intr and vcpu.ready_for_injection and vcpu.if_flag:
-            vcpu.interrupt(m.pic.acknowledge())
-            vcpu.ready_for_injection = False
-            self.injections += 1
-        want = m._intr and window
-        if want != m._window_requested:
-            vcpu.request_interrupt_window(want)
-            m._window_requested = want
 
     def _diverged(self, what: str):
         raise Divergence(self.position, what, self.last_match, self.unit)
@@ -528,8 +496,8 @@ class Engine:
         m = self.machine
         if not m.vcpu.if_flag:
             raise m.halted_with_interrupts_off()
-        injections = self.injections
-        while not m._intr and self.injections == injections and m._stop is None:
+        injections = m.injections
+        while not m._intr and m.injections == injections and m._stop is None:
             if self.sink is not None:
                 self.before_idle()
                 if not self.wait_for_host():
@@ -556,25 +524,20 @@ class Engine:
         m.serial_out.flush()
         while True:
             deadline = m.clock.next_deadline()
-            input_possible = (m.serial_in is not None and m.serial.rx_room() > 0
-                              and (m.serial_in.pending or not m.serial_in.eof))
-            if deadline is None and not input_possible:
+            if deadline is None and not m.input_can_wake():
                 return False
-            if m.serial_in is not None and m.serial_in.pending and m.serial.rx_room() > 0:
+            if m.input_waiting():
                 return True
             now = self.idle_now_ns()
             if deadline is not None and now >= deadline:
                 return True
-            if m._end_ns is not None and host_monotonic_ns() >= m._end_ns:
+            left = None if self.end_host_ns is None else self.end_host_ns - host_monotonic_ns()
+            if left is not None and left <= 0:
                 raise GuestTimeout("timeout")
-            wait = None if deadline is None else (deadline - now) / 1e9
-            if m._end_ns is not None:
-                left = (m._end_ns - host_monotonic_ns()) / 1e9
-                wait = left if wait is None else min(wait, left)
             if self.marker_requested:
                 return True
-            m._wake.wait(None if wait is None else max(wait, 0))
-            m._wake.clear()
+            wait = None if deadline is None else deadline - now
+            m.idle_wait(left if wait is None else wait if left is None else min(wait, left))
 
 
 def _format_regs(regs: Regs) -> str:
@@ -699,7 +662,7 @@ class ExactEngine(Engine):
 
     def after_point(self, landmark: bool) -> None:
         self._sync_vcpu_flags()
-        self.inject()
+        self.machine.inject(window=False)
 
     def _sync_vcpu_flags(self) -> None:
         ex = self.machine.vcpu._exit
@@ -724,15 +687,13 @@ class ExactEngine(Engine):
                 if self.until is not None and c.icount >= self.until:
                     return Outcome("until", 0, c.icount, self.clock.now_ns())
                 c.stop_icount = end
-                c.host_deadline = m._end_ns or 0 if self.sink is not None else 0
+                c.host_deadline = self.end_host_ns or 0
                 if m._intr:
                     c.flags |= lib.RR_STEP_STOP_IF_OPEN
                 else:
                     c.flags &= ~lib.RR_STEP_STOP_IF_OPEN
                 before = c.icount
-                _check(lib.rr_step(vcpu.fd, vcpu._run, c, vcpu._exit), "KVM_RUN (single-step)")
-                self._sync_vcpu_flags()
-                self.position = c.icount
+                self._step("KVM_RUN (single-step)")
                 reason = c.reason
                 if reason == lib.RR_STEP_LIMIT or reason == lib.RR_STEP_IF_OPEN:
                     sync = self.sink is not None and self.clock.now_ns() >= self._next_sync_ns
@@ -786,19 +747,24 @@ class ExactEngine(Engine):
         self.position = self.ctl.icount
         self.steps_emulated += 1
 
+    def _step(self, what: str) -> None:
+        """One rr_step call with the limits already in ``ctl``."""
+        vcpu = self.machine.vcpu
+        _check(lib.rr_step(vcpu.fd, vcpu._run, self.ctl, vcpu._exit), what)
+        self._sync_vcpu_flags()
+        self.position = self.ctl.icount
+
+    def _one_instruction(self, flag: int, what: str) -> None:
+        """Finish or execute exactly one instruction (``flag``: NO_CHECK_ONCE or COMPLETE)."""
+        c = self.ctl
+        c.flags = (c.flags | flag) & ~lib.RR_STEP_STOP_IF_OPEN
+        c.stop_icount = c.icount + 1
+        self._step(what)
+
     def _step_one(self) -> None:
         """Execute the next instruction natively (it was looked at already)."""
-        c = self.ctl
-        c.flags |= lib.RR_STEP_NO_CHECK_ONCE
-        c.flags &= ~lib.RR_STEP_STOP_IF_OPEN
-        saved = c.stop_icount
-        c.stop_icount = c.icount + 1
-        vcpu = self.machine.vcpu
-        _check(lib.rr_step(vcpu.fd, vcpu._run, c, vcpu._exit), "KVM_RUN (single-step)")
-        self._sync_vcpu_flags()
-        c.stop_icount = saved
-        self.position = c.icount
-        if c.reason == lib.RR_STEP_EXIT:
+        self._one_instruction(lib.RR_STEP_NO_CHECK_ONCE, "KVM_RUN (single-step)")
+        if self.ctl.reason == lib.RR_STEP_EXIT:
             self._exit()
 
     def _special(self) -> None:
@@ -834,13 +800,9 @@ class ExactEngine(Engine):
         would refuse the interrupt that wakes the guest at the next instruction.
         """
         vcpu = self.machine.vcpu
-        events = bytearray(vcpu.get_vcpu_events())
-        if events[EVENT_INTERRUPT_SHADOW]:
-            events[EVENT_INTERRUPT_SHADOW] = 0
-            vcpu.set_vcpu_events(bytes(events))
-        can = 1 if regs.rflags & RFLAGS_IF and not events[EVENT_INTERRUPT_INJECTED] else 0
+        in_flight = vcpu.end_interrupt_shadow()
         vcpu._exit.if_flag = 1 if regs.rflags & RFLAGS_IF else 0
-        vcpu._exit.ready_for_injection = can
+        vcpu._exit.ready_for_injection = 1 if regs.rflags & RFLAGS_IF and not in_flight else 0
         self._sync_vcpu_flags()
 
     def _random(self) -> int:
@@ -858,7 +820,7 @@ class ExactEngine(Engine):
         self._idle_from = (self.clock.now_ns(), host_monotonic_ns())
 
     def _exit(self) -> None:
-        m, c = self.machine, self.ctl
+        m = self.machine
         exit = m.vcpu.last_exit()
         m.exits += 1
         m.recent_exits.append(exit)
@@ -868,14 +830,7 @@ class ExactEngine(Engine):
         if m._stop is not None:
             return
         # Finish the instruction now, so every point sees a whole instruction.
-        c.flags |= lib.RR_STEP_COMPLETE
-        c.flags &= ~lib.RR_STEP_STOP_IF_OPEN
-        saved = c.stop_icount
-        c.stop_icount = c.icount + 1
-        _check(lib.rr_step(m.vcpu.fd, m.vcpu._run, c, m.vcpu._exit), "KVM_RUN (completing I/O)")
-        self._sync_vcpu_flags()
-        c.stop_icount = saved
-        self.position = c.icount
+        self._one_instruction(lib.RR_STEP_COMPLETE, "KVM_RUN (completing I/O)")
         if isinstance(exit, (IoOut, IoIn)):
             self.exit_check(exit)
         self.point(True)
@@ -949,7 +904,7 @@ class FastEngine(Engine):
         instruction, so it becomes a landmark (``_window_open``) and replay,
         which never asks for windows, reaches it by breakpoint instead.
         """
-        self.inject(window=self.sink is not None)
+        self.machine.inject(window=self.sink is not None)
         self.clock.new_point()
 
     def _time_due(self) -> bool:
@@ -1006,24 +961,23 @@ class FastEngine(Engine):
         deadline = self.machine.clock.next_deadline()
         if self.next_marker_ns < NEVER:
             deadline = self.next_marker_ns if deadline is None else min(deadline, self.next_marker_ns)
-        m = self.machine
         host = 0 if deadline is None else self.host_origin + deadline
         if self._retry_at:
             host = max(host, self._retry_at)
             self._retry_at = 0
-        if m._end_ns is not None:
-            host = m._end_ns if host == 0 else min(host, m._end_ns)
+        if self.end_host_ns is not None:
+            host = self.end_host_ns if host == 0 else min(host, self.end_host_ns)
         return host
 
 
     def _kicked(self) -> None:
         """Recording: the vCPU was kicked; make a landmark if anything is due."""
         m = self.machine
-        if m._end_ns is not None and host_monotonic_ns() >= m._end_ns:
+        if self.end_host_ns is not None and host_monotonic_ns() >= self.end_host_ns:
             raise GuestTimeout("timeout")
         due = (self._time_due() or self.marker_requested
                or self.host_virtual_ns() >= self.next_marker_ns
-               or (m.serial_in is not None and m.serial_in.pending and m.serial.rx_room() > 0))
+               or m.input_waiting())
         if not due:
             return
         self._landmark(window=False)
@@ -1034,8 +988,7 @@ class FastEngine(Engine):
         if not self.cpl3_landmarks and m.vcpu.cpl() == 3:
             self._delay()   # replay could not stop here: deliver at the next chance
             return
-        events = m.vcpu.get_vcpu_events()
-        if events[EVENT_EXCEPTION_INJECTED] or events[EVENT_EXCEPTION_PENDING] or events[EVENT_INTERRUPT_INJECTED]:
+        if m.vcpu.event_in_flight():
             # The kick came between KVM_INTERRUPT (or an exception) and its
             # delivery: replay would deliver before reaching these registers.
             self._delay()

@@ -101,6 +101,17 @@ class End:
 Entry = Union[Point, ClockRead, Random, Check, End]
 
 
+def count(counts: dict, e: Entry) -> None:
+    """Tally ``e`` into ``counts`` by kind, and a Point also by each part it carries."""
+    name = type(e).__name__
+    counts[name] = counts.get(name, 0) + 1
+    if isinstance(e, Point):
+        for part, present in (("input", e.input), ("marker", e.marker is not None),
+                              ("landmark", e.landmark is not None), ("time", e.time_ns is not None)):
+            if present:
+                counts[f"Point.{part}"] = counts.get(f"Point.{part}", 0) + 1
+
+
 # ---------------------------------------------------------------------------
 # varints
 

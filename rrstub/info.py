@@ -6,8 +6,6 @@ recording, whose counts are not in a summary.
 """
 from __future__ import annotations
 
-from collections import Counter
-
 from rrstub import events as ev
 from rrstub.engines import place
 from rrstub.recording import Recording
@@ -30,7 +28,7 @@ def describe(path: str, verify: bool = False) -> dict:
         if summary is not None and "events" in summary:
             counts = dict(summary["events"])
         else:
-            counts = dict(_count_events(rec))
+            counts = _count_events(rec)
         last = max((ch.meta.get("last", 0) for ch in rec.event_chunks), default=0)
         markers = [{"index": m.meta["index"], "position": m.meta["position"],
                     "guest_s": m.meta.get("guest_ns", 0) / 1e9, "full": m.meta.get("full", False),
@@ -55,16 +53,11 @@ def describe(path: str, verify: bool = False) -> dict:
         }
 
 
-def _count_events(rec: Recording) -> Counter:
-    counts: Counter = Counter()
+def _count_events(rec: Recording) -> dict:
+    counts: dict = {}
     for _, payload in rec.iter_event_payloads():
         for e in ev.decode_events(payload):
-            counts[type(e).__name__] += 1
-            if isinstance(e, ev.Point):
-                for part, present in (("input", e.input), ("marker", e.marker is not None),
-                                      ("landmark", e.landmark is not None), ("time", e.time_ns is not None)):
-                    if present:
-                        counts[f"Point.{part}"] += 1
+            ev.count(counts, e)
     return counts
 
 

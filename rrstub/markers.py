@@ -104,8 +104,6 @@ class MarkerKeeper:
         self.tracker = snapshot.DirtyTracker(machine.vm, RAM_SLOT, machine.mem.size)
         self.count = 0
         self.last_digest = b""
-        self.last_position = 0
-        self.bytes = 0
 
     def capture(self, position: int, engine: dict, full: bool) -> tuple[bytes, bytes, dict]:
         """(blob, digest, meta) of the machine now; starts a new dirty interval.
@@ -113,45 +111,43 @@ class MarkerKeeper:
         A full marker is only taken at position 0, before the guest ran.
         """
         m = self.machine
-        self.settle()
-        self.tracker.collect()
-        vcpu = m.vcpu.get_state()
-        devices = m.device_states()
-        devices_blob = snapshot.encode_devices(devices)
+        vcpu, devices, devices_blob = self._state_now()
         if full:
             # Only the loader has written RAM before the first marker.
             pages = snapshot.encode_pages(m.mem, sorted(m.mem.host_written))
             digest = chain_digest(hashlib.blake2b(pages, digest_size=16).digest(), vcpu, devices_blob, 0)
         else:
-            page_list = self.tracker.pages()
-            pages = snapshot.encode_pages(m.mem, page_list)
-            pages_digest = self.tracker.digest(m.mem)
-            digest = chain_digest(self.last_digest, vcpu, devices_blob, pages_digest)
+            pages = snapshot.encode_pages(m.mem, self.tracker.pages())
+            digest = self._incremental_digest(vcpu, devices_blob)
         blob = encode_marker(self.count, position, engine, vcpu, devices, pages, digest, full)
         meta = {"index": self.count, "position": position, "guest_ns": engine.get("guest_ns", 0),
                 "full": full, "digest": digest.hex(), "pages": len(self.tracker.pages()) if not full else None}
-        self._advance(position, digest)
-        self.bytes += len(blob)
+        self._advance(digest)
         return blob, digest, meta
 
     def current_digest(self) -> bytes:
         """What ``capture`` would compute now, without encoding pages: for verification."""
-        m = self.machine
+        vcpu, _, devices_blob = self._state_now()
+        return self._incremental_digest(vcpu, devices_blob)
+
+    def _state_now(self) -> tuple[VcpuState, dict, bytes]:
+        """Settle the vCPU and collect the dirty log; (vCPU state, device states, their encoding)."""
         self.settle()
         self.tracker.collect()
-        vcpu = m.vcpu.get_state()
-        devices_blob = snapshot.encode_devices(m.device_states())
+        devices = self.machine.device_states()
+        return self.machine.vcpu.get_state(), devices, snapshot.encode_devices(devices)
+
+    def _incremental_digest(self, vcpu: VcpuState, devices_blob: bytes) -> bytes:
         return chain_digest(self.last_digest, vcpu, devices_blob, self.tracker.digest(self.machine.mem))
 
-    def verified(self, position: int, digest: bytes) -> None:
+    def verified(self, digest: bytes) -> None:
         """Replay reached a marker with this digest: start the next interval."""
-        self._advance(position, digest)
+        self._advance(digest)
 
-    def _advance(self, position: int, digest: bytes) -> None:
+    def _advance(self, digest: bytes) -> None:
         self.tracker.reset()
         self.count += 1
         self.last_digest = digest
-        self.last_position = position
 
     def restore(self, state: MarkerState, pages_chain: Optional[list[bytes]] = None) -> None:
         """Put the machine in the marker's state (memory from the page sets of markers 0..N)."""
@@ -166,4 +162,3 @@ class MarkerKeeper:
         self.tracker.reset()
         self.count = state.index + 1
         self.last_digest = state.digest
-        self.last_position = state.position

@@ -119,7 +119,7 @@ def record(kernel_path: str, out_path: str, mode: str, *, mem_size: int, cmdline
         blob, meta = engine.initial_marker()
         writer.add_marker(meta, blob)
         if timeout is not None:
-            machine._end_ns = host_monotonic_ns() + int(timeout * 1e9)
+            engine.end_host_ns = host_monotonic_ns() + int(timeout * 1e9)
         previous_usr1 = _on_marker_signal(engine)
         try:
             outcome = engine.run()

@@ -703,6 +703,22 @@ class Vcpu:
         c.flags |= _EVENTS_RESTORE_FLAGS
         _check(lib.rr_ioctl(self.fd, lib.KVM_SET_VCPU_EVENTS, c), "KVM_SET_VCPU_EVENTS")
 
+    def event_in_flight(self) -> bool:
+        """An exception or interrupt is queued in KVM but not yet delivered to the guest."""
+        c = ffi.new("struct kvm_vcpu_events *")
+        _check(lib.rr_ioctl(self.fd, lib.KVM_GET_VCPU_EVENTS, c), "KVM_GET_VCPU_EVENTS")
+        return bool(c.exception.injected or c.exception.pending or c.interrupt.injected)
+
+    def end_interrupt_shadow(self) -> bool:
+        """Drop an `sti`/`mov ss` interrupt shadow; returns whether an interrupt is in flight."""
+        c = ffi.new("struct kvm_vcpu_events *")
+        _check(lib.rr_ioctl(self.fd, lib.KVM_GET_VCPU_EVENTS, c), "KVM_GET_VCPU_EVENTS")
+        if c.interrupt.shadow:
+            c.interrupt.shadow = 0
+            c.flags |= _EVENTS_RESTORE_FLAGS
+            _check(lib.rr_ioctl(self.fd, lib.KVM_SET_VCPU_EVENTS, c), "KVM_SET_VCPU_EVENTS")
+        return bool(c.interrupt.injected)
+
     def get_debugregs(self) -> bytes:
         """struct kvm_debugregs: the guest's own DR0-3, DR6, DR7."""
         return self._get_struct("struct kvm_debugregs", "KVM_GET_DEBUGREGS")

@@ -259,6 +259,7 @@ class Machine:
         self.bus.insert(self.hypercalls, HYPERCALL_PORT, 4)
 
         self._window_requested = False
+        self.injections = 0
         self._end_ns: Optional[int] = None
         # Exit dispatch, shared by the live loop and the record/replay engines
         # (which handle Hlt, Interrupted and interrupt windows themselves).
@@ -310,7 +311,7 @@ class Machine:
         try:
             while self._stop is None:
                 self._poll_devices()
-                self._inject()
+                self.inject()
                 deadline = self._until_timeout(clock.next_deadline())
                 exit = vcpu.run(0 if deadline is None else to_host_ns(deadline))
                 self.exits += 1
@@ -324,13 +325,15 @@ class Machine:
         reason, status = self._stop
         return RunResult(reason, status, self.exits, clock.now_ns())
 
-    def _inject(self) -> None:
+    def inject(self, window: bool = True) -> None:
+        """Give the guest the PIC's interrupt if it can take one now; else, if ``window``,
+        ask KVM for an exit when it can (``injections`` counts the interrupts given)."""
         vcpu = self.vcpu
-        want = self._intr
-        if want and vcpu.ready_for_injection and vcpu.if_flag:
+        if self._intr and vcpu.ready_for_injection and vcpu.if_flag:
             vcpu.interrupt(self.pic.acknowledge())
             vcpu.ready_for_injection = False
-            want = self._intr
+            self.injections += 1
+        want = self._intr and window
         if want != self._window_requested:
             vcpu.request_interrupt_window(want)
             self._window_requested = want
@@ -391,18 +394,27 @@ class Machine:
             if self._intr:
                 return
             deadline = clock.next_deadline()
-            # Input can wake the guest only if the UART can take it (RTS up,
-            # not in loopback, FIFO not full) and some is, or may yet be, there.
-            input_possible = (self.serial_in is not None and self.serial.rx_room() > 0
-                              and (self.serial_in.pending or not self.serial_in.eof))
-            if deadline is None and not input_possible:
+            if deadline is None and not self.input_can_wake():
                 raise self.halted_for_good()
             if self._end_ns is not None and clock.now_ns() >= self._end_ns:
                 return  # run() reports the timeout
             deadline = self._until_timeout(deadline)
-            wait = None if deadline is None else max(0, deadline - clock.now_ns()) / 1e9
-            self._wake.wait(wait)
-            self._wake.clear()
+            self.idle_wait(None if deadline is None else deadline - clock.now_ns())
+
+    def input_can_wake(self) -> bool:
+        """Input can wake a halted guest: the UART can take it (RTS up, not in
+        loopback, FIFO not full) and some is, or may yet be, there."""
+        return (self.serial_in is not None and self.serial.rx_room() > 0
+                and (self.serial_in.pending or not self.serial_in.eof))
+
+    def input_waiting(self) -> bool:
+        """Host input is here and the UART has room for it."""
+        return self.serial_in is not None and self.serial_in.pending and self.serial.rx_room() > 0
+
+    def idle_wait(self, ns: Optional[int]) -> None:
+        """Block for up to ``ns`` nanoseconds (None: without limit), or until input or a kick wakes us."""
+        self._wake.wait(None if ns is None else max(0, ns) / 1e9)
+        self._wake.clear()
 
     def _on_shutdown(self, exit: Shutdown) -> None:
         raise GuestCrashed(self._report(
