@@ -508,6 +508,9 @@ class Engine:
                 if p is None:
                     if self.position >= self.source.stop_position:
                         return
+                    end = self.source.end
+                    if end is not None and end.reason == "hung" and end.pos == self.position:
+                        raise m.halted_for_good()   # as the recorder found: nothing wakes it
                     self._diverged(f"the guest halted, and the recording has no wake-up at this {self.unit}")
                 self.point(False, recorded=p)
 

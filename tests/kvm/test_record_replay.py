@@ -39,6 +39,7 @@ from unittest import mock
 import pytest
 
 from conftest import ROOT, rrstub
+from elfgen import make_elf
 from test_examples import RACE_LINE
 from rrstub import cli, session
 from rrstub.engines import ExactEngine, FastEngine, regs_tuple
@@ -406,3 +407,37 @@ def test_paced_replay_takes_no_clock_value_the_recording_lacks(kernels, tmp_path
 
 if __name__ == "__main__":
     sys.exit(observed_cli(sys.argv[1:]))
+
+
+# -- runs the guest ends badly: the recording ends the same way, and replay reproduces it -----
+
+TRIPLE_FAULT = b"\xe6\x80" + b"\x0f\x0b"   # out 0x80, al; ud2 with no IDT
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_guest_that_can_never_wake_replays_to_the_same_hang(kernels, tmp_path, mode):
+    """echo gets two bytes, then end of input: it halts with nothing left to wake it (71)."""
+    rec = tmp_path / "hung.rrr"
+    r = rrstub("record", str(kernels / "echo.elf"), "-o", str(rec), "--mode", mode, "--mem", MEM,
+               "--serial-in", "-", input=b"hi\n")
+    assert r.returncode == 71, r.stderr
+    assert b"no more serial input can arrive" in r.stderr
+    p = rrstub("replay", str(rec))
+    assert p.returncode == 71, p.stderr
+    assert p.stdout == r.stdout == b"HI\n"
+    assert b"no more serial input can arrive" in p.stderr
+    assert b"replayed hung (status 71)" in p.stderr and b"matched the recording" in p.stderr
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_triple_fault_replays_to_the_same_crash(tmp_path, mode):
+    kernel = tmp_path / "crash.elf"
+    kernel.write_bytes(make_elf(TRIPLE_FAULT))
+    rec = tmp_path / "crash.rrr"
+    r = rrstub("record", str(kernel), "-o", str(rec), "--mode", mode, "--mem", MEM)
+    assert r.returncode == 70, r.stderr
+    p = rrstub("replay", str(rec))
+    assert p.returncode == 70, p.stderr
+    for text in (r.stderr, p.stderr):
+        assert b"triple-faulted" in text and b"rip=0000000000100002" in text
+    assert b"replayed crash (status 70)" in p.stderr and b"matched the recording" in p.stderr
