@@ -417,6 +417,41 @@ static int complete_instruction(int fd, struct kvm_run *run, struct rr_step_ctl 
     return 0;
 }
 
+static int is_break(const struct rr_step_ctl *c)
+{
+    uint32_t lo = 0, hi = c->nbreaks;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (c->breaks[mid] == c->rip)
+            return 1;
+        if (c->breaks[mid] < c->rip)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return 0;
+}
+
+static int watch_changed(struct rr_step_ctl *c)
+{
+    for (uint32_t i = 0; i < c->nwatches; i++) {
+        const struct rr_watch *w = &c->watches[i];
+        if (memcmp(c->mem + w->gpa, w->shadow, w->len) != 0) {
+            c->hit = i;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/*
+ * Single-step until something needs the engine.  Checked before every
+ * instruction, in this order: a watched range changed (by the previous
+ * instruction: the caller updates the shadow before going on), the
+ * instruction limit, the host deadline, an open interrupt window (when
+ * asked), a breakpoint at rip (unless SKIP_BREAK: the caller is resuming
+ * from it, or an injected interrupt runs first), an instruction to emulate.
+ */
 int rr_step(int vcpu_fd, void *run_area, struct rr_step_ctl *c, struct rr_exit *ex)
 {
     struct kvm_run *run = run_area;
@@ -430,6 +465,10 @@ int rr_step(int vcpu_fd, void *run_area, struct rr_step_ctl *c, struct rr_exit *
             return r;
     }
     for (uint32_t n = 0;; n++) {
+        if (c->nwatches && watch_changed(c)) {
+            c->reason = RR_STEP_WATCH;
+            return 0;
+        }
         if (c->icount >= c->stop_icount) {
             c->reason = RR_STEP_LIMIT;
             return 0;
@@ -440,6 +479,10 @@ int rr_step(int vcpu_fd, void *run_area, struct rr_step_ctl *c, struct rr_exit *
         }
         if ((c->flags & RR_STEP_STOP_IF_OPEN) && run->if_flag && run->ready_for_interrupt_injection) {
             c->reason = RR_STEP_IF_OPEN;
+            return 0;
+        }
+        if (c->nbreaks && !(c->flags & RR_STEP_SKIP_BREAK) && is_break(c)) {
+            c->reason = RR_STEP_BREAK;
             return 0;
         }
         if (c->flags & RR_STEP_NO_CHECK_ONCE) {
@@ -455,6 +498,7 @@ int rr_step(int vcpu_fd, void *run_area, struct rr_step_ctl *c, struct rr_exit *
                 return 0;
             }
         }
+        c->flags &= ~RR_STEP_SKIP_BREAK;
         r = run_once(vcpu_fd, run, ex);
         if (r < 0)
             return r;

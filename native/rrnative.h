@@ -40,10 +40,20 @@ struct rr_exit {
 #define RR_STEP_EXIT      5   /* a KVM exit other than a step (I/O, MMIO, ...): see rr_exit */
 #define RR_STEP_KICK      6   /* KVM_RUN came back with EINTR */
 #define RR_STEP_NOFETCH   7   /* paging mode the C fetch does not walk */
+#define RR_STEP_BREAK     8   /* rip is one of breaks[] (the instruction has not run) */
+#define RR_STEP_WATCH     9   /* watches[hit] no longer equals its shadow copy */
 
 #define RR_STEP_STOP_IF_OPEN  1u  /* stop at the first boundary where an interrupt can be injected */
 #define RR_STEP_NO_CHECK_ONCE 2u  /* step the next instruction without looking at it */
 #define RR_STEP_COMPLETE      4u  /* finish the instruction whose exit was just handled */
+#define RR_STEP_SKIP_BREAK    8u  /* do not stop at a breakpoint before the next step */
+
+/* A watched guest-physical range (within one page) and the bytes it held. */
+struct rr_watch {
+    uint64_t gpa;
+    uint64_t len;
+    uint8_t *shadow;
+};
 
 struct rr_step_ctl {
     uint64_t icount;        /* in/out: instructions completed */
@@ -58,6 +68,11 @@ struct rr_step_ctl {
     uint32_t long_mode;     /* in: 64-bit code segment (REX prefixes exist) */
     uint32_t insn_len;      /* out: bytes of insn[] that could be fetched */
     uint8_t insn[16];       /* out: the instruction at rip, for RR_STEP_SPECIAL */
+    const uint64_t *breaks; /* in: ascending linear addresses to stop before (RR_STEP_BREAK) */
+    uint32_t nbreaks;
+    uint32_t nwatches;
+    const struct rr_watch *watches;  /* in: ranges compared before every step (RR_STEP_WATCH) */
+    uint32_t hit;           /* out: the index in watches[] that changed */
 };
 
 /* rr_run_to_regs results */

@@ -112,6 +112,24 @@ examples:
 """
 
 
+SERVE_EPILOG = """\
+a session (record with --mode exact: reverse execution needs instruction positions):
+  rrstub record examples/build/race.elf -o race.rrr --mode exact --cmdline increments=2000
+  rrstub serve race.rrr                     # listens on 127.0.0.1:1234
+  gdb examples/build/race.elf -ex 'target remote :1234'
+  (gdb) break increment
+  (gdb) continue
+  (gdb) watch counter
+  (gdb) reverse-continue                    # back to the write before this one
+  (gdb) monitor help                        # when, markers, marker add, goto, info
+
+exit status:
+  0  served (Ctrl-C or --clients ended it)
+  2  the recording is unusable or was not recorded with --mode exact, or the
+     address cannot be used (port taken, bad host)
+"""
+
+
 def _speed(text: str) -> Optional[float]:
     if text == "max":
         return None
@@ -195,7 +213,31 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--kernel", metavar="PATH",
                      help="check that PATH is the kernel the recording was made with")
     rep.add_argument("--serial-out", metavar="PATH", help="write the replayed UART output to this file")
+    rep.add_argument("--gdb", metavar="[HOST:]PORT",
+                     help="instead of running to the end, serve the recording to gdb on this address "
+                          "(the same as `rrstub serve REC --host HOST --port PORT`)")
     rep.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
+
+    srv = sub.add_parser(
+        "serve", help="debug a recording with gdb, forwards and backwards",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve a recording to gdb as a remote target. gdb connects with `target remote "
+                    "HOST:PORT` and debugs the recorded run as if it were live: breakpoints, "
+                    "watchpoints, step and continue, and backwards with reverse-stepi, "
+                    "reverse-continue, reverse-next and reverse-finish. The recording is never "
+                    "changed: register and memory writes are refused. One gdb at a time; when it "
+                    "detaches, the next one finds the recording where the last one left it.",
+        epilog=SERVE_EPILOG)
+    srv.add_argument("recording", metavar="REC", help="a file written by `rrstub record --mode exact`")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default 127.0.0.1; 0.0.0.0 lets other machines in)")
+    srv.add_argument("--port", type=int, default=1234, help="TCP port (default 1234; 0 picks a free one)")
+    srv.add_argument("--kernel", metavar="PATH",
+                     help="check that PATH is the kernel the recording was made with")
+    srv.add_argument("--serial-out", metavar="PATH",
+                     help="write the guest's UART output here (default: stdout), once per position")
+    srv.add_argument("--clients", type=int, default=None, metavar="N",
+                     help="exit after N gdb sessions (default: serve until Ctrl-C)")
 
     inf = sub.add_parser("info", help="describe a recording", formatter_class=argparse.RawDescriptionHelpFormatter,
                          description="Describe a recording without replaying it: guest time, "
@@ -346,10 +388,58 @@ def _parse_until(text: Optional[str], rec) -> Optional[int]:
     return value
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from rrstub.gdbproto.server import serve, stderr_log
+    from rrstub.recording import RecordingError
+    from rrstub.replay.timeline import Timeline, TimelineError
+
+    log = stderr_log()
+    serial_out = None
+    try:
+        serial_out = open(args.serial_out, "wb") if args.serial_out else sys.stdout.buffer
+        log(f"loading {args.recording}")
+        timeline = Timeline(args.recording, kernel_check=args.kernel, serial_out=serial_out, warn=_err)
+    except OSError as e:
+        _err(f"cannot open {e.filename}: {e.strerror}")
+        return EXIT_USAGE
+    except (RecordingError, TimelineError) as e:
+        _err(str(e))
+        return EXIT_RECORDING
+    try:
+        def ready(port: int) -> None:
+            log(f"{args.recording}: instructions 0..{timeline.last}; waiting for gdb on "
+                f"{args.host}:{port} (in gdb: target remote {args.host}:{port})")
+        serve(timeline, args.host, args.port, log=log, ready=ready, clients=args.clients)
+    except OSError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        log("stopped")
+    finally:
+        timeline.close()
+        if args.serial_out:
+            _close_streams(serial_out)
+    return 0
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from rrstub.engines import Divergence, EngineError, place
     from rrstub.recording import Recording, RecordingError
     from rrstub.session import EXIT_DIVERGED, ReplayError, exit_status, replay
+
+    if args.gdb is not None:
+        from rrstub.gdbproto.server import parse_address
+        if args.until is not None or args.speed is not None:
+            _err("--gdb serves the whole recording to gdb: drop --until and --speed (use breakpoints "
+                 "or `monitor goto` in gdb instead)")
+            return EXIT_USAGE
+        try:
+            args.host, args.port = parse_address(args.gdb)
+        except ValueError as e:
+            _err(f"--gdb: {e}")
+            return EXIT_USAGE
+        args.clients = None
+        return cmd_serve(args)
 
     try:
         with Recording.open(args.recording) as rec:
@@ -432,7 +522,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_USAGE
     try:
         return {"run": cmd_run, "doctor": cmd_doctor, "record": cmd_record, "replay": cmd_replay,
-                "info": cmd_info}[args.command](args)
+                "info": cmd_info, "serve": cmd_serve}[args.command](args)
     except KvmUnavailable as e:
         _err(str(e))
         return EXIT_NO_KVM

@@ -247,7 +247,6 @@ class Engine:
         self.marker_sink: Optional[Callable[[bytes, dict], None]] = None
         self.recording_markers: list = []
         self.host_origin = host_monotonic_ns()
-        self.stop_reason: Optional[tuple[str, int, str]] = None
         self.progress = progress
 
     # -- wiring ------------------------------------------------------------------
@@ -578,6 +577,9 @@ class ExactEngine(Engine):
         self._busy_host_ns = 0
         self._busy_instructions = 0
         self._idle_from: Optional[tuple[int, int]] = None
+        # Replay timeline: on_boundary() runs between instructions once icount reaches boundary_at.
+        self.boundary_at = NEVER
+        self.on_boundary: Callable[[], None] = lambda: None
 
     def attach(self, machine: Machine) -> None:
         super().attach(machine)
@@ -665,7 +667,12 @@ class ExactEngine(Engine):
 
     def after_point(self, landmark: bool) -> None:
         self._sync_vcpu_flags()
+        injections = self.machine.injections
         self.machine.inject(window=False)
+        if self.machine.injections != injections:
+            # The next step delivers the interrupt: the instruction at rip
+            # does not run now, so a breakpoint there is not hit now.
+            self.ctl.flags |= lib.RR_STEP_SKIP_BREAK
 
     def _sync_vcpu_flags(self) -> None:
         ex = self.machine.vcpu._exit
@@ -684,12 +691,14 @@ class ExactEngine(Engine):
         try:
             while m._stop is None:
                 self.position = c.icount
+                if c.icount >= self.boundary_at:
+                    self.on_boundary()
                 end = self._limit()
                 if self.source is not None and c.icount >= self.source.stop_position:
                     return self._log_end()
                 if self.until is not None and c.icount >= self.until:
                     return Outcome("until", 0, c.icount, self.clock.now_ns())
-                c.stop_icount = end
+                c.stop_icount = min(end, self.boundary_at, NEVER if self.until is None else self.until)
                 c.host_deadline = self.end_host_ns or 0
                 if m._intr:
                     c.flags |= lib.RR_STEP_STOP_IF_OPEN
@@ -698,6 +707,8 @@ class ExactEngine(Engine):
                 before = c.icount
                 self._step("KVM_RUN (single-step)")
                 reason = c.reason
+                if reason == lib.RR_STEP_LIMIT and c.icount < end:
+                    continue    # stopped for --until or a boundary, not for a point
                 if reason == lib.RR_STEP_LIMIT or reason == lib.RR_STEP_IF_OPEN:
                     sync = self.sink is not None and self.clock.now_ns() >= self._next_sync_ns
                     if sync:
@@ -713,6 +724,10 @@ class ExactEngine(Engine):
                     self._special()
                 elif reason == lib.RR_STEP_EXIT:
                     self._exit()
+                elif reason == lib.RR_STEP_BREAK:
+                    return Outcome("break", 0, c.icount, self.clock.now_ns())
+                elif reason == lib.RR_STEP_WATCH:
+                    return Outcome("watch", c.hit, c.icount, self.clock.now_ns())
                 elif reason == lib.RR_STEP_DEADLINE:
                     raise GuestTimeout("timeout")
                 elif reason == lib.RR_STEP_KICK:
@@ -738,13 +753,12 @@ class ExactEngine(Engine):
             end = min(end, self.clock.icount_at(self._next_sync_ns))
         if self.source is not None:
             end = min(end, self.source.next_point_position(), self.source.stop_position)
-        if self.until is not None:
-            end = min(end, self.until)
         return end
 
 
     def _advance(self, regs: Regs) -> None:
         self.machine.vcpu.set_regs(regs)
+        self.ctl.flags &= ~lib.RR_STEP_SKIP_BREAK
         self.ctl.icount += 1
         self.ctl.rip = (self.cs_base + regs.rip) & 0xFFFFFFFFFFFFFFFF
         self.position = self.ctl.icount

@@ -180,12 +180,10 @@ def _page_list(r: Reader, n: int, npages: int, kind: str) -> list[int]:
     return pages
 
 
-def apply_pages(mem: Memory, blob: bytes) -> int:
-    """Write a page set from ``encode_pages`` into ``mem``; returns how many pages it set."""
+def decode_pages(blob: bytes, npages: int) -> list[tuple[int, bytes]]:
+    """The (page number, contents) pairs of a page set from ``encode_pages``, zero pages included."""
     what = "page set"
     _, payload = unseal(blob, PAGES_MAGIC, PAGES_VERSION, what)
-    view = _view(mem)
-    npages = len(view) // PAGE_SIZE
     r = Reader(payload, what)
     page_size, nzero, nstored = r.unpack(_PAGES_HEADER)
     if page_size != PAGE_SIZE:
@@ -197,13 +195,19 @@ def apply_pages(mem: Memory, blob: bytes) -> int:
     stored = _page_list(r, nstored, npages, "stored")
     if not set(zeros).isdisjoint(stored):
         raise SnapshotError(f"{what}: a page is listed both as zero and as stored")
-    data = r.take(nstored * PAGE_SIZE)
+    data = bytes(r.take(nstored * PAGE_SIZE))
     r.finish()
-    for p in zeros:
-        view[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] = ZERO_PAGE
-    for i, p in enumerate(stored):
-        view[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] = data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
-    return nzero + nstored
+    return [(p, ZERO_PAGE) for p in zeros] + [(p, data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
+                                              for i, p in enumerate(stored)]
+
+
+def apply_pages(mem: Memory, blob: bytes) -> int:
+    """Write a page set from ``encode_pages`` into ``mem``; returns how many pages it set."""
+    view = _view(mem)
+    pages = decode_pages(blob, len(view) // PAGE_SIZE)
+    for p, data in pages:
+        view[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] = data
+    return len(pages)
 
 
 class DirtyTracker:

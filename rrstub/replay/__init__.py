@@ -1,0 +1,1 @@
+"""The replay timeline: positions, checkpoints, seeking and reverse execution over a recording."""
