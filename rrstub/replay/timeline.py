@@ -37,6 +37,7 @@ from rrstub import events as ev
 from rrstub.engines import Divergence, ExactEngine, LogSource, NEVER, Outcome, GUEST_ENDS
 from rrstub.markers import MarkerError, decode_marker
 from rrstub.recording import Recording
+from rrstub.replay.accesses import READ, memory_accesses
 from vmm import paging, snapshot
 from vmm.kvm import VcpuState, _check
 from vmm.machine import Machine, MachineError
@@ -301,6 +302,10 @@ class Timeline:
         self._armed = _ArmedWatches()
         self._poll: Callable[[], bool] = lambda: False
         self._interrupted = False
+        self._access_watches: list[Watch] = []    # read/access watchpoints armed for this run
+        self._next_accesses: list = []            # what the next instruction reads and writes
+        self._access_hits: list[tuple[int, Watch]] = []   # (position before the access, watchpoint)
+        self._stop_on_access = False
         end = self.source.end
         self.guest_end = end if end is not None and end.reason in GUEST_ENDS else None
         self.last = end.pos if end is not None else self.source.covered
@@ -403,12 +408,41 @@ class Timeline:
     def _boundary(self) -> None:
         e = self.engine
         pos = e.ctl.icount
-        if pos % CHECKPOINT_EVERY == 0 and pos not in self.checkpoints:
-            self._capture()
-        if self._poll():
+        if self._access_watches:
+            hit = self._accessed(self._next_accesses)
+            if hit is not None and pos > self._run_from:
+                self._access_hits.append((pos - 1, hit))
+                if self._stop_on_access:
+                    e.until = pos
+            self._next_accesses = self._decode_next()
+        if pos % CHECKPOINT_EVERY == 0:
+            if pos not in self.checkpoints:
+                self._capture()
+        if pos % POLL_EVERY == 0 and self._poll():
             self._interrupted = True
             e.until = pos
-        e.boundary_at = (pos // POLL_EVERY + 1) * POLL_EVERY
+        e.boundary_at = pos + 1 if self._access_watches else (pos // POLL_EVERY + 1) * POLL_EVERY
+
+    def _decode_next(self) -> list:
+        """The memory the instruction at rip is about to read and write (read/access watchpoints)."""
+        vcpu = self.machine.vcpu
+        regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+        code = b""
+        for n in (15, 8, 4, 1):   # the instruction may end just before an unmapped page
+            try:
+                code = self.read_memory(regs.rip, n)
+                break
+            except paging.PageFault:
+                continue
+        return memory_accesses(code, regs, sregs.fs.base, sregs.gs.base) if code else []
+
+    def _accessed(self, accesses: list) -> Optional[Watch]:
+        for addr, size, how in accesses:
+            for w in self._access_watches:
+                if addr < w.address + w.length and w.address < addr + size and (
+                        w.kind == "access" or how & READ):
+                    return w
+        return None
 
     def _run(self, until: Optional[int], breaks: bool, watches: bool) -> Outcome:
         """Replay forward to ``until`` (or the end), stopping early at armed breakpoints/watchpoints."""
@@ -420,11 +454,17 @@ class Timeline:
             c.breaks, c.nbreaks = self._breaks, len(ordered)
         else:
             c.nbreaks = 0
-        self._armed.arm([w for w in self.watches if w.kind in ("write", "access")] if watches else [],
+        self._armed.arm([w for w in self.watches if w.kind == "write"] if watches else [],
                         self._translate, self.machine.mem.view)
         c.watches, c.nwatches = self._armed.array, len(self._armed.owners)
         e.until = until
         e.boundary_at = (c.icount // POLL_EVERY + 1) * POLL_EVERY
+        self._access_watches = [w for w in self.watches if w.kind in ("read", "access")] if watches else []
+        self._access_hits = []
+        self._run_from = c.icount
+        if self._access_watches:
+            self._next_accesses = self._decode_next()
+            e.boundary_at = c.icount + 1
         try:
             return e.run()
         except Divergence as d:
@@ -474,6 +514,9 @@ class Timeline:
         out = self._run(self.position + 1, breaks=False, watches=True)
         if out.reason != "until":
             return self._end_stop(out)
+        if self._access_hits:
+            w = self._access_hits[-1][1]
+            return Stop("watch", self.position, w.address, _WATCH_REPORT[w.kind])
         hit = self._armed.changed(self.machine.mem.view)
         if hit is not None:
             w = self._armed.owners[hit]
@@ -485,10 +528,15 @@ class Timeline:
             return self._end_stop()
         self._poll, self._interrupted = poll, False
         self.engine.ctl.flags |= lib.RR_STEP_SKIP_BREAK   # no stop at the breakpoint we start from
+        self._stop_on_access = True
         try:
             out = self._run(None, breaks=True, watches=True)
         finally:
             self._poll = lambda: False
+            self._stop_on_access = False
+        if out.reason == "until" and self._access_hits:
+            w = self._access_hits[-1][1]
+            return Stop("watch", self.position, w.address, _WATCH_REPORT[w.kind])
         if out.reason == "break":
             return Stop("break", self.position, self._pc())
         if out.reason == "watch":
@@ -530,6 +578,7 @@ class Timeline:
         hits: list[tuple[int, Stop]] = []
         while self.position < hi:
             out = self._run(hi, breaks=True, watches=True)
+            hits += [(pos, Stop("watch", pos, w.address, _WATCH_REPORT[w.kind])) for pos, w in self._access_hits]
             if self._interrupted:
                 break
             if out.reason == "break":
@@ -543,6 +592,7 @@ class Timeline:
             i = self._armed.changed(self.machine.mem.view)
             if i is not None:   # written by the instruction just before hi
                 self._watch_hit(hits, i)
+        hits.sort(key=lambda h: h[0])
         return hits
 
     def _watch_hit(self, hits: list, i: int) -> None:
@@ -567,9 +617,6 @@ class Timeline:
         self.breakpoints.discard(address)
 
     def add_watch(self, kind: str, address: int, length: int) -> None:
-        if kind != "write":
-            raise TimelineError(f"{kind} watchpoints are not supported yet: only write watchpoints "
-                                "(gdb's `watch`) are")
         if not 0 < length <= 1 << 20:
             raise TimelineError(f"a watchpoint of {length} bytes: use 1 byte to 1 MiB")
         self.watches.append(Watch(kind, address, length))
