@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # `make demo`: the race kernel loses a different number of updates on every
 # live run; recording one run captures its outcome, and every replay of the
-# recording reproduces it exactly, with no timing of its own.
+# recording reproduces it exactly, with no timing of its own.  Then gdb
+# debugs an exact recording backwards, from the final count to the store
+# that lost updates.
 set -u
 cd "$(dirname "$0")/.."
 RRSTUB=.venv/bin/rrstub
 REC=${TMPDIR:-/tmp}/rrstub-demo-race.rrr
+EXACT=${TMPDIR:-/tmp}/rrstub-demo-race-exact.rrr
+SERVE_LOG=${TMPDIR:-/tmp}/rrstub-demo-serve.log
 
 step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
 
@@ -41,3 +45,34 @@ step rrstub info "$REC"
 $RRSTUB info "$REC" || exit 1
 printf '\nTwo live runs lost different numbers of updates; the recorded run replays\n'
 printf 'with exactly its own count, every time, checked against the recording.\n'
+
+step rrstub record examples/build/race.elf -o "$EXACT" --mode exact --cmdline increments=2000
+$RRSTUB record examples/build/race.elf -o "$EXACT" --mode exact --cmdline increments=2000 --timeout 120
+check $? "recording race in exact mode"
+
+if ! command -v gdb >/dev/null; then
+    printf '\ngdb is not installed: skipping the reverse-debugging part of the demo.\n'
+    exit 0
+fi
+step rrstub serve "$EXACT" --port 0 --clients 1 "  # and gdb, with examples/gdb/find-lost-update.gdb"
+$RRSTUB serve "$EXACT" --port 0 --clients 1 --serial-out /dev/null 2>"$SERVE_LOG" &
+SERVER=$!
+PORT=
+for _ in $(seq 100); do
+    PORT=$(sed -n 's/.*waiting for gdb on [^ ]*:\([0-9]*\) .*/\1/p' "$SERVE_LOG")
+    [ -n "$PORT" ] && break
+    sleep 0.1
+done
+if [ -z "$PORT" ]; then
+    cat "$SERVE_LOG" >&2
+    kill $SERVER 2>/dev/null
+    echo "demo: rrstub serve did not start" >&2
+    exit 1
+fi
+timeout 120 gdb -batch -nx examples/build/race.elf -ex "target remote 127.0.0.1:$PORT" \
+    -x examples/gdb/find-lost-update.gdb
+STATUS=$?
+wait $SERVER
+[ $STATUS -eq 0 ] || { echo "demo: the gdb session failed with status $STATUS" >&2; exit 1; }
+printf '\ngdb ran the recording to its end, then backwards, write by write, to the store\n'
+printf 'that overwrote other threads'"'"' updates: the bug, found after the fact.\n'
