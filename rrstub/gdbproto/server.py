@@ -68,6 +68,7 @@ class Session:
                 if not data:
                     return
                 events = self.codec.feed(data)
+                self._flush()   # acks and naks now, before a long continue
             for e in events:
                 if self.closed:
                     break

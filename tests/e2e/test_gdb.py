@@ -1,0 +1,790 @@
+"""The real gdb 13 against `rrstub serve`, end to end: MI through pygdbmi, as IDEs drive it.
+
+One exact recording of race (``increments=2000``, about 219k instructions)
+is made per module and served by a fresh ``rrstub serve --port 0``
+subprocess for each test; gdb loads ``race.elf`` for symbols and connects
+with ``-target-select remote``.  Protocol robustness is tested with raw
+sockets against the same server, and every raw test ends by checking
+that a real gdb can still connect and ask ``monitor when``.
+
+MI notes (see DESIGN.md, "GDB 13, seen from the stub"): every command is
+sent with a numeric token and its ``^result`` is matched by that token; a
+run command answers ``^running`` and its ``*stopped`` comes later, often
+in another read, so ``Gdb.run`` polls until it arrives (with a deadline).
+At either end of the history GDB 13 emits ``*stopped`` without a reason
+and prints "No more reverse-execution history." on the console.
+"""
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import pytest
+from pygdbmi.gdbcontroller import GdbController
+
+from conftest import ROOT, rrstub
+
+pytestmark = [pytest.mark.kvm]
+
+INCREMENTS = 2000
+RACE_LINE = re.compile(rb"^race: counter=(\d+) expected=(\d+) lost=(\d+)\n\Z")
+READY = re.compile(r"waiting for gdb on 127\.0\.0\.1:(\d+) \(in gdb: target remote 127\.0\.0\.1:(\d+)\)")
+WHEN = re.compile(r"instruction (\d+) of (\d+)")
+NO_HISTORY = "No more reverse-execution history."
+RACE_C = (ROOT / "examples" / "race.c").read_text().splitlines()
+
+
+def source_line(text: str) -> int:
+    """The 1-based line of race.c that contains ``text`` (exactly one)."""
+    found = [i + 1 for i, line in enumerate(RACE_C) if text in line]
+    assert len(found) == 1, f"{text!r} in race.c: lines {found}"
+    return found[0]
+
+
+LINE_SEEN = source_line("int seen = counter;")          # increment's first line
+LINE_STORE = source_line("counter = seen + 1;")
+LINE_CALL = source_line("        increment();")          # the call in worker's loop
+LINE_LOOP = source_line("for (unsigned i = 0; i < increments; i++)")
+LINE_LOST = source_line("int lost = expected - counter;")    # kmain, after the workers
+
+
+# ---------------------------------------------------------------------------
+# The recording
+
+
+@dataclass(frozen=True)
+class Recorded:
+    path: Path
+    elf: Path
+    counter: int      # the final value of `counter` the recorded run printed
+
+
+@pytest.fixture(scope="module")
+def race(kernels, tmp_path_factory) -> Recorded:
+    rec = tmp_path_factory.mktemp("gdb") / "race.rrr"
+    r = rrstub("record", str(kernels / "race.elf"), "-o", str(rec), "--mode", "exact",
+               "--cmdline", f"increments={INCREMENTS}", timeout=60)
+    m = RACE_LINE.match(r.stdout)
+    assert m, r.stdout + r.stderr
+    counter, expected, lost = map(int, m.groups())
+    assert expected == 3 * INCREMENTS and counter + lost == expected
+    assert r.returncode == (1 if lost else 0), r.stderr
+    return Recorded(rec, kernels / "race.elf", counter)
+
+
+# ---------------------------------------------------------------------------
+# rrstub serve, raw sockets, and gdb through MI
+
+
+class Server:
+    """``rrstub serve REC --port 0 --clients N`` as a subprocess; ``port`` parsed from its stderr."""
+
+    def __init__(self, rec: Path, clients: int, folder: Path):
+        self.serial = folder / "serial.out"
+        self.lines: list[str] = []
+        self._port_seen = threading.Event()
+        with open(self.serial, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "rrstub", "serve", str(rec), "--port", "0", "--clients", str(clients)],
+                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.PIPE)
+        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._reader.start()
+        if not self._port_seen.wait(30):
+            self.stop()
+            pytest.fail(f"rrstub serve did not start listening:\n{self.log}")
+        m = READY.search(self.log)
+        assert m.group(1) == m.group(2)
+        self.port = int(m.group(1))
+
+    def _read_stderr(self) -> None:
+        for raw in self.proc.stderr:
+            self.lines.append(raw.decode(errors="replace"))
+            if READY.search(self.lines[-1]):
+                self._port_seen.set()
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self._reader.join(5)
+
+
+def packet(payload: bytes) -> bytes:
+    return b"$" + payload + b"#%02x" % (sum(payload) & 0xFF)
+
+
+class RawClient:
+    """A hand-driven RSP connection in ack mode (the server acks every packet)."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self, deadline: float) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no data from the server; have {self.buf[:200]!r}")
+        self.sock.settimeout(left)
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            raise TimeoutError(f"no data from the server; have {self.buf[:200]!r}") from None
+        if not data:
+            raise ConnectionError(f"the server closed the connection; have {self.buf[:200]!r}")
+        self.buf += data
+
+    def ack(self, timeout: float = 10) -> bytes:
+        """The next ``+`` or ``-``."""
+        deadline = time.monotonic() + timeout
+        while not self.buf:
+            self._fill(deadline)
+        first, self.buf = self.buf[:1], self.buf[1:]
+        assert first in (b"+", b"-"), f"expected an ack, got {first + self.buf[:200]!r}"
+        return first
+
+    def ack_within(self, seconds: float) -> Optional[bytes]:
+        """The next ack if it comes within ``seconds``, else None."""
+        try:
+            return self.ack(seconds)
+        except TimeoutError:
+            return None
+
+    def frame(self, timeout: float = 10, ack: bool = True) -> bytes:
+        """The next ``$...#xx`` frame, whole, acknowledged with ``+`` unless ``ack`` is False
+        (acks before it are an error: read them with ``ack``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = re.match(rb"\$([^#]*)#([0-9a-f]{2})", self.buf)
+            if m:
+                self.buf = self.buf[m.end():]
+                assert int(m.group(2), 16) == sum(m.group(1)) & 0xFF, f"bad checksum from the server: {m.group()!r}"
+                if ack:
+                    self.send(b"+")
+                return m.group()
+            assert not self.buf or self.buf[:1] == b"$", f"expected a packet, got {self.buf[:200]!r}"
+            self._fill(deadline)
+
+    def request(self, payload: bytes, timeout: float = 10) -> bytes:
+        """Send one packet; return the reply's payload (after checking the ``+``)."""
+        self.send(packet(payload))
+        assert self.ack(timeout) == b"+"
+        return self.frame(timeout)[1:-3]
+
+    def monitor(self, command: str) -> str:
+        """``qRcmd``: the console text of its ``O`` packets, up to its ``OK``."""
+        self.send(packet(b"qRcmd," + command.encode().hex().encode()))
+        assert self.ack() == b"+"
+        text = ""
+        while True:
+            payload = self.frame()[1:-3]
+            if payload == b"OK":
+                return text
+            assert payload[:1] == b"O", payload
+            text += bytes.fromhex(payload[1:].decode()).decode()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class GdbError(Exception):
+    """gdb answered ``^error``."""
+
+
+@dataclass
+class Stopped:
+    """A ``*stopped`` notify and the console text printed while the target ran."""
+    payload: dict
+    console: str
+
+    @property
+    def reason(self) -> Optional[str]:
+        return self.payload.get("reason")
+
+    @property
+    def frame(self) -> dict:
+        return self.payload.get("frame", {})
+
+
+@dataclass
+class Gdb:
+    """gdb 13 in MI mode (pygdbmi), connected to a server; commands are matched by token."""
+    elf: Path
+    port: int
+    async_mode: bool = False
+    settings: tuple = ()                            # more `-gdb-set`s before connecting
+    records: list = field(default_factory=list)     # read from gdb, not consumed yet
+    transcript: list = field(default_factory=list)  # everything read, for failure messages
+
+    def __post_init__(self):
+        self.token = 100
+        self.ctl = GdbController(["gdb", "--nx", "--quiet", "--interpreter=mi3", str(self.elf)],
+                                 time_to_check_for_additional_output_sec=0.01)
+        try:
+            for setting in ("confirm off", "pagination off", "width 0", "remotetimeout 30", *self.settings):
+                self.cmd(f"-gdb-set {setting}")
+            if self.async_mode:
+                self.cmd("-gdb-set mi-async on")
+            self.cmd(f"-target-select remote 127.0.0.1:{self.port}", timeout=30)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- I/O ------------------------------------------------------------------------
+    def send(self, command: str) -> int:
+        self.token += 1
+        self.ctl.write(f"{self.token}{command}", read_response=False)
+        return self.token
+
+    def send_many(self, commands: list[str]) -> list[int]:
+        """Write several commands at once (gdb queues them and runs them in order)."""
+        tokens = list(range(self.token + 1, self.token + 1 + len(commands)))
+        self.token += len(commands)
+        self.ctl.write([f"{t}{c}" for t, c in zip(tokens, commands)], read_response=False)
+        return tokens
+
+    def _take(self, match, timeout: float, what: str) -> tuple[dict, list]:
+        """The first unconsumed record that ``match`` accepts, and the records before it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, r in enumerate(self.records):
+                if match(r):
+                    before, self.records = self.records[:i], self.records[i + 1:]
+                    return r, before
+            left = deadline - time.monotonic()
+            if left <= 0:
+                tail = "\n".join(map(repr, self.transcript[-30:]))
+                raise TimeoutError(f"gdb: no {what} within {timeout} s; last records:\n{tail}")
+            if self.ctl.gdb_process.poll() is not None:
+                raise ConnectionError(f"gdb exited with status {self.ctl.gdb_process.returncode}")
+            got = self.ctl.get_gdb_response(timeout_sec=min(left, 0.5), raise_error_on_timeout=False)
+            self.records += got
+            self.transcript += got
+
+    def result(self, token: int, timeout: float = 15) -> tuple[dict, list]:
+        return self._take(lambda r: r["type"] == "result" and r["token"] == token, timeout,
+                          f"result for token {token}")
+
+    def stopped(self, timeout: float = 30) -> Stopped:
+        r, before = self._take(lambda r: r["type"] == "notify" and r["message"] == "stopped", timeout,
+                               "*stopped")
+        return Stopped(r["payload"] or {}, _console(before))
+
+    # -- commands -------------------------------------------------------------------
+    def cmd(self, command: str, timeout: float = 15) -> dict:
+        """An MI command that answers ``^done`` (or ``^connected``): its payload; GdbError on ``^error``."""
+        r, _ = self.result(self.send(command), timeout)
+        if r["message"] == "error":
+            raise GdbError(r["payload"]["msg"])
+        assert r["message"] in ("done", "connected"), r
+        return r["payload"] or {}
+
+    def console(self, command: str, timeout: float = 15) -> str:
+        """A CLI command through ``-interpreter-exec console``: its console text; GdbError on ``^error``."""
+        quoted = command.replace("\\", "\\\\").replace('"', '\\"')
+        r, before = self.result(self.send(f'-interpreter-exec console "{quoted}"'), timeout)
+        if r["message"] == "error":
+            raise GdbError(r["payload"]["msg"])
+        return _console(before)
+
+    def run(self, command: str, timeout: float = 30) -> Stopped:
+        """A run command (``^running``, then ``*stopped``)."""
+        r, _ = self.result(self.send(command), timeout)
+        if r["message"] == "error":
+            raise GdbError(r["payload"]["msg"])
+        assert r["message"] == "running", r
+        return self.stopped(timeout)
+
+    # -- the target -----------------------------------------------------------------
+    def when(self) -> tuple[int, int]:
+        text = self.console("monitor when")
+        m = WHEN.search(text)
+        assert m, text
+        return int(m.group(1)), int(m.group(2))
+
+    def goto(self, position: int) -> None:
+        text = self.console(f"monitor goto {position}", timeout=30)
+        assert f"at instruction {position};" in text, text
+        self.console("maint flush register-cache")
+        assert self.when()[0] == position
+
+    def value(self, expression: str) -> str:
+        return self.cmd(f'-data-evaluate-expression "{expression}"')["value"]
+
+    def integer(self, expression: str) -> int:
+        return int(self.value(expression).split()[0], 0)
+
+    def frame(self) -> dict:
+        return self.cmd("-stack-info-frame")["frame"]
+
+    def break_insert(self, location: str) -> dict:
+        return self.cmd(f"-break-insert {location}")["bkpt"]
+
+    def close(self) -> None:
+        p = self.ctl.gdb_process
+        if p is not None and p.poll() is None:
+            p.kill()
+        if p is not None:
+            p.wait(10)
+            p.communicate()
+        self.ctl.gdb_process = None
+
+
+def _console(records: list) -> str:
+    return "".join(r["payload"] or "" for r in records if r["type"] in ("console", "target"))
+
+
+def registers(payload: dict) -> tuple:
+    return tuple((r["number"], r["value"]) for r in payload["register-values"])
+
+
+@pytest.fixture
+def debug(race, tmp_path):
+    """``debug(clients=1, async_mode=False)``: a server for this test, and its first gdb (or None)."""
+    made: list = []
+
+    def start(clients: int = 1, connect: bool = True, async_mode: bool = False):
+        server = Server(race.path, clients, tmp_path)
+        made.append(server)
+        gdb = None
+        if connect:
+            gdb = Gdb(race.elf, server.port, async_mode=async_mode)
+            made.append(gdb)
+        return server, gdb
+
+    def connect(server: Server, async_mode: bool = False, settings: tuple = ()) -> Gdb:
+        gdb = Gdb(race.elf, server.port, async_mode=async_mode, settings=settings)
+        made.append(gdb)
+        return gdb
+
+    start.connect = connect
+    yield start
+    for thing in reversed(made):   # gdbs first, then the servers
+        try:
+            thing.close() if isinstance(thing, Gdb) else thing.stop()
+        except Exception:
+            pass
+
+
+# ---------------------------------------------------------------------------
+# 1. break, print, step, next, finish
+
+
+@pytest.mark.timeout(60)
+def test_break_step_next_finish(debug):
+    server, gdb = debug()
+    assert gdb.when()[0] == 0
+    bkpt = gdb.break_insert("increment")
+    assert bkpt["func"] == "increment" and int(bkpt["line"]) == LINE_SEEN
+
+    stop = gdb.run("-exec-continue")
+    assert stop.reason == "breakpoint-hit", stop
+    assert stop.frame["func"] == "increment" and int(stop.frame["line"]) == LINE_SEEN
+    assert int(stop.frame["addr"], 16) == int(bkpt["addr"], 16)
+    at_break = gdb.when()[0]
+    assert at_break > 0
+    assert 0 <= gdb.integer("counter") <= 3 * INCREMENTS
+    frames = gdb.cmd("-stack-list-frames")["stack"]
+    assert [f["func"] for f in frames[:2]] == ["increment", "worker"]
+    assert int(frames[1]["line"]) == LINE_CALL
+    return_address = int(frames[1]["addr"], 16)
+
+    line = LINE_SEEN
+    for command in ("-exec-step", "-exec-next"):
+        stop = gdb.run(command)
+        assert stop.reason == "end-stepping-range", stop
+        assert stop.frame["func"] == "increment"
+        assert int(stop.frame["line"]) > line, (command, stop.frame)
+        line = int(stop.frame["line"])
+    assert gdb.when()[0] > at_break
+
+    gdb.cmd("-break-delete")
+    stop = gdb.run("-exec-finish")
+    assert stop.reason == "function-finished", stop
+    assert stop.frame["func"] == "worker"
+    assert int(stop.frame["addr"], 16) == return_address
+    assert int(stop.frame["line"]) in (LINE_CALL, LINE_LOOP)
+    assert gdb.frame()["func"] == "worker"
+    assert server.alive()
+
+
+# ---------------------------------------------------------------------------
+# 2. stepi and reverse-stepi retrace the same states
+
+
+STEPS = 200
+START = 120_000
+
+
+def _step_states(gdb: Gdb, command: str) -> list[tuple]:
+    """``STEPS`` times ``command`` then the registers, written in one batch; the states after each."""
+    tokens = gdb.send_many([c for _ in range(STEPS) for c in (command, "-data-list-register-values x")])
+    states = []
+    for step, regs in zip(tokens[::2], tokens[1::2]):
+        r, _ = gdb.result(step, timeout=30)
+        assert r["message"] == "running", r
+        stop = gdb.stopped(timeout=30)
+        assert stop.reason == "end-stepping-range", (len(states), stop)
+        r, _ = gdb.result(regs, timeout=30)
+        assert r["message"] == "done", r
+        states.append(registers(r["payload"]))
+    return states
+
+
+@pytest.mark.timeout(60)
+def test_reverse_stepi_retraces_forward_stepi(debug):
+    server, gdb = debug()
+    gdb.goto(START)
+    when, last = gdb.when()
+    assert when == START and last > START + STEPS
+    names = gdb.cmd("-data-list-register-names")["register-names"]
+    pc = str(names.index("rip"))
+
+    start = registers(gdb.cmd("-data-list-register-values x"))
+    forward = [start] + _step_states(gdb, "-exec-step-instruction")
+    assert gdb.when()[0] == START + STEPS
+    pcs = [dict(s)[pc] for s in forward]
+    assert len(set(pcs)) > 5, "200 instructions of race should visit many addresses"
+    assert all(a != b for a, b in zip(forward, forward[1:])), "a stepi that changed no register"
+
+    backward = _step_states(gdb, "-exec-step-instruction --reverse")
+    assert gdb.when()[0] == START
+    for i, state in enumerate(backward):
+        expected = forward[STEPS - 1 - i]
+        assert state == expected, f"reverse-stepi #{i + 1} (to instruction {START + STEPS - 1 - i}): " \
+                                  f"{[(n, v, dict(expected)[n]) for n, v in state if dict(expected)[n] != v]}"
+
+    again = _step_states(gdb, "-exec-step-instruction")
+    assert gdb.when()[0] == START + STEPS
+    assert again == forward[1:]
+    assert server.alive()
+
+
+# ---------------------------------------------------------------------------
+# 3. watchpoints in reverse, and the ends of history
+
+
+@pytest.mark.timeout(60)
+def test_reverse_watchpoint_finds_the_last_write(debug, race):
+    server, gdb = debug()
+    stop = gdb.run("-exec-continue", timeout=40)
+    assert stop.reason is None, stop
+    assert NO_HISTORY in stop.console, stop
+    position, last = gdb.when()
+    assert position == last
+    assert gdb.integer("counter") == race.counter
+
+    wpt = gdb.cmd("-break-watch counter")
+    number = wpt["wpt"]["number"]
+    stop = gdb.run("-exec-continue --reverse", timeout=40)
+    assert stop.reason == "watchpoint-trigger", stop
+    # In reverse gdb's "old" is the value after the write, "new" the value before it.
+    old, new = int(stop.payload["value"]["old"]), int(stop.payload["value"]["new"])
+    assert old == race.counter
+    assert old != new
+    assert gdb.integer("counter") == new
+    assert stop.frame["func"] == "increment" and int(stop.frame["line"]) == LINE_STORE
+    at_write, _ = gdb.when()
+    assert 0 < at_write < last
+    insn = gdb.cmd("-data-disassemble -s $pc -e $pc+1 -- 0")["asm_insns"][0]
+    assert insn["inst"].startswith("mov") and "<counter>" in insn["inst"], insn
+
+    gdb.cmd(f"-break-delete {number}")
+    stop = gdb.run("-exec-step-instruction")
+    assert stop.reason == "end-stepping-range", stop
+    assert gdb.when()[0] == at_write + 1
+    assert gdb.integer("counter") == old
+
+    gdb.goto(0)
+    gdb.cmd("-break-watch counter")
+    stop = gdb.run("-exec-continue --reverse")
+    assert stop.reason is None, stop
+    assert NO_HISTORY in stop.console, stop
+    assert gdb.when()[0] == 0
+    assert server.alive()
+
+
+# ---------------------------------------------------------------------------
+# 4. reverse-next over a call, reverse-finish
+
+
+@pytest.mark.timeout(60)
+def test_reverse_next_steps_back_over_the_call(debug):
+    server, gdb = debug()
+    gdb.break_insert("increment")
+    stop = gdb.run("-exec-continue")
+    assert stop.frame["func"] == "increment"
+    entered = gdb.when()[0]        # the call has executed
+    return_address = int(gdb.cmd("-stack-list-frames")["stack"][1]["addr"], 16)
+    gdb.cmd("-break-delete")
+
+    stop = gdb.run("-exec-finish")
+    assert stop.frame["func"] == "worker" and int(stop.frame["addr"], 16) == return_address
+    returned = gdb.when()[0]
+    assert returned > entered
+
+    # Back over the whole call: to the call instruction, un-executed, not into increment.
+    stop = gdb.run("-exec-next --reverse")
+    assert stop.reason == "end-stepping-range", stop
+    assert stop.frame["func"] == "worker" and int(stop.frame["line"]) == LINE_CALL, stop
+    call_address = int(stop.frame["addr"], 16)
+    assert call_address < return_address
+    assert gdb.when()[0] == entered - 1
+    insn = gdb.cmd("-data-disassemble -s $pc -e $pc+1 -- 0")["asm_insns"][0]
+    assert insn["inst"].startswith("call") and "increment" in insn["inst"], insn
+
+    # Forward over it with next, and back again.
+    stop = gdb.run("-exec-next")
+    assert stop.frame["func"] == "worker" and int(stop.frame["addr"], 16) == return_address, stop
+    assert gdb.when()[0] == returned
+    stop = gdb.run("-exec-next --reverse")
+    assert stop.frame["func"] == "worker" and int(stop.frame["line"]) == LINE_CALL, stop
+    assert int(stop.frame["addr"], 16) == call_address
+    assert gdb.when()[0] == entered - 1
+    assert server.alive()
+
+
+@pytest.mark.timeout(60)
+def test_reverse_finish_returns_to_the_call_site(debug):
+    server, gdb = debug()
+    gdb.goto(50_000)
+    gdb.break_insert("increment")
+    stop = gdb.run("-exec-continue")
+    assert stop.frame["func"] == "increment"
+    entered = gdb.when()[0]
+    return_address = int(gdb.cmd("-stack-list-frames")["stack"][1]["addr"], 16)
+    # With the breakpoint at increment's entry still in, gdb stops there (a user breakpoint
+    # outranks reverse-finish's own): delete it first.
+    gdb.cmd("-break-delete")
+    line = LINE_SEEN
+    for _ in range(2):
+        stop = gdb.run("-exec-next")
+        assert stop.frame["func"] == "increment" and int(stop.frame["line"]) > line, stop
+        line = int(stop.frame["line"])
+
+    stop = gdb.run("-exec-finish --reverse")
+    assert stop.reason == "end-stepping-range", stop
+    assert stop.frame["func"] == "worker" and int(stop.frame["line"]) == LINE_CALL, stop
+    assert int(stop.frame["addr"], 16) < return_address
+    assert gdb.when()[0] == entered - 1
+    insn = gdb.cmd("-data-disassemble -s $pc -e $pc+1 -- 0")["asm_insns"][0]
+    assert insn["inst"].startswith("call") and "increment" in insn["inst"], insn
+    assert server.alive()
+
+
+# ---------------------------------------------------------------------------
+# 5.-7. raw clients: bad packets, a client that leaves while running, Ctrl-C
+
+
+@pytest.mark.timeout(60)
+def test_bad_packets_get_answers_and_the_server_keeps_serving(debug):
+    server, _ = debug(clients=2, connect=False)
+    raw = RawClient(server.port)
+    try:
+        # Frames correctly, cannot be understood: an error.
+        assert raw.request(b"m12,zz")[:1] == b"E"
+        # 100 KB: more than PacketSize; answered, and the connection goes on.
+        assert raw.request(b"qRrstubOversized:" + b"A" * 100_000)[:1] == b"E"
+        reply = raw.request(b"?")
+        assert reply.startswith(b"T05"), reply
+        # Not supported: the empty reply, exactly.
+        raw.send(packet(b"vFooBar"))
+        assert raw.ack() == b"+"
+        assert raw.frame() == b"$#00"
+        # Unmapped memory (a kernel address nothing maps in race): an error.
+        assert raw.request(b"mffff800000000000,4")[:1] == b"E"
+        # Still a working connection.
+        assert len(raw.request(b"m100000,4")) == 8
+        assert WHEN.search(raw.monitor("when"))
+    finally:
+        raw.close()
+
+    assert server.alive()
+    gdb = debug.connect(server)
+    position, last = gdb.when()
+    assert position == 0 and last > 200_000
+    assert gdb.integer("counter") == 0
+    assert server.alive()
+
+
+def _handshake(raw: RawClient) -> None:
+    supported = raw.request(b"qSupported:multiprocess+;swbreak+;hwbreak+;vContSupported+")
+    assert b"ReverseContinue+" in supported and b"ReverseStep+" in supported, supported
+    assert raw.request(b"?").startswith(b"T05")
+
+
+@pytest.mark.timeout(60)
+def test_client_that_disconnects_while_running(debug):
+    server, _ = debug(clients=2, connect=False)
+    raw = RawClient(server.port)
+    _handshake(raw)
+    raw.send(packet(b"c"))
+    raw.close()
+
+    assert server.alive()
+    gdb = debug.connect(server)
+    position, last = gdb.when()
+    assert position < last, "the continue should have ended when its client went away"
+    rip = gdb.console("info registers rip")
+    m = re.match(r"rip\s+(0x[0-9a-f]+)", rip)
+    assert m, rip
+    assert int(m.group(1), 16) == gdb.integer("$pc")
+    assert server.alive()
+
+
+@pytest.mark.timeout(60)
+def test_interrupt_a_continue_from_gdb(debug):
+    server, gdb = debug(async_mode=True)
+    start, last = gdb.when()
+    assert start == 0
+    r, _ = gdb.result(gdb.send("-exec-continue"))
+    assert r["message"] == "running", r
+    time.sleep(0.4)     # the whole replay takes over a second
+    gdb.cmd("-exec-interrupt")
+    stop = gdb.stopped(timeout=20)
+    assert stop.reason == "signal-received", stop
+    assert stop.payload["signal-name"] == "SIGINT"
+    position, _ = gdb.when()
+    assert start < position < last
+    assert server.alive()
+
+
+@pytest.mark.timeout(60)
+def test_interrupt_a_continue_raw(debug):
+    server, _ = debug(clients=2, connect=False)
+    raw = RawClient(server.port)
+    try:
+        _handshake(raw)
+        raw.send(packet(b"c"))
+        time.sleep(0.4)     # the whole replay takes over a second
+        raw.send(b"\x03")
+        assert raw.ack(20) == b"+"      # (the ack of the c: see test_a_continue_is_acked_at_once)
+        reply = raw.frame(timeout=20)[1:-3]
+        assert reply.startswith(b"T02"), reply
+        m = WHEN.search(raw.monitor("when"))
+        position, last = int(m.group(1)), int(m.group(2))
+        assert 0 < position < last
+    finally:
+        raw.close()
+    assert server.alive()
+    gdb = debug.connect(server)
+    assert gdb.when()[0] == position
+
+
+# ---------------------------------------------------------------------------
+# 8. writes are refused
+
+
+@pytest.mark.timeout(60)
+def test_writes_are_refused(debug):
+    server, gdb = debug()
+    gdb.break_insert("increment")
+    gdb.run("-exec-continue")
+    gdb.cmd("-break-delete")
+    gdb.run("-exec-finish")
+    before = gdb.integer("counter")
+    assert before >= 1
+
+    with pytest.raises(GdbError) as refused:
+        gdb.console(f"set var counter = {before + 5}")
+    assert "Cannot access memory" in str(refused.value)
+    assert gdb.integer("counter") == before
+
+    rax = gdb.integer("$rax")
+    with pytest.raises(GdbError) as refused:
+        gdb.console(f"set $rax = {rax ^ 0x5a5a}")
+    assert "refused" in str(refused.value)
+    gdb.console("maint flush register-cache")
+    assert gdb.integer("$rax") == rax
+    assert "refused a WriteRegister" in server.log
+    assert server.alive()
+
+
+# ---------------------------------------------------------------------------
+# Ack mode (a client that does not send QStartNoAckMode): acks and retransmissions come at once.
+# gdb waits remote_timeout (2 s) for an ack and then sends the packet again.
+
+
+@pytest.mark.timeout(30)
+def test_bad_checksum_gets_a_nak_at_once(debug):
+    server, _ = debug(clients=1, connect=False)
+    raw = RawClient(server.port)
+    try:
+        _handshake(raw)
+        raw.send(b"$m100000,4#00")      # the checksum is 0x3e
+        nak = raw.ack_within(2)
+        assert nak == b"-", f"no '-' within 2 s of a packet with a bad checksum (got {nak!r})"
+        assert raw.request(b"?").startswith(b"T05")
+    finally:
+        raw.close()
+    assert server.alive()
+
+
+@pytest.mark.timeout(30)
+def test_nak_from_the_client_gets_the_reply_again(debug):
+    server, _ = debug(clients=1, connect=False)
+    raw = RawClient(server.port)
+    try:
+        _handshake(raw)
+        raw.send(packet(b"m100000,4"))
+        assert raw.ack() == b"+"
+        reply = raw.frame(ack=False)
+        raw.buf = b""
+        raw.send(b"-")                  # instead of "+": "your reply arrived damaged: send it again"
+        try:
+            again = raw.frame(timeout=2)
+        except TimeoutError:
+            again = None
+        assert again == reply, f"the reply was not sent again within 2 s of a '-' (got {again!r})"
+    finally:
+        raw.close()
+    assert server.alive()
+
+
+@pytest.mark.timeout(30)
+def test_a_continue_is_acked_at_once(debug):
+    server, _ = debug(clients=1, connect=False)
+    raw = RawClient(server.port)
+    try:
+        _handshake(raw)
+        started = time.monotonic()
+        raw.send(packet(b"c"))          # from instruction 0 to the end: over a second
+        ack = raw.ack_within(0.5)
+        waited = time.monotonic() - started
+        assert ack == b"+", f"no ack of the c within 0.5 s (got {raw.buf[:80]!r} after {waited:.2f} s)"
+        assert raw.frame(timeout=20)[1:-3] == b"T05replaylog:end;thread:1;"
+    finally:
+        raw.close()
+    assert server.alive()
+
+
+@pytest.mark.timeout(40)
+def test_gdb_in_ack_mode_continues_to_a_breakpoint_a_second_away(debug):
+    """gdb without QStartNoAckMode resends a packet that is not acked within remotetimeout
+    (2 s by default, 1 s here so that race's 1.6 s replay is long enough)."""
+    server, _ = debug(clients=1, connect=False)
+    gdb = debug.connect(server, settings=("remote noack-packet off", "remotetimeout 1"))
+    bkpt = gdb.break_insert(f"race.c:{LINE_LOST}")
+    stop = gdb.run("-exec-continue", timeout=20)
+    assert stop.reason == "breakpoint-hit", stop
+    assert stop.frame["func"] == "kmain" and int(stop.frame["line"]) == LINE_LOST
+    position, last = gdb.when()
+    assert position < last
+    assert gdb.integer("$pc") == int(bkpt["addr"], 16)
+    assert server.alive()
