@@ -155,8 +155,7 @@ def main() -> int:
                            serial_out=open("/dev/null", "wb"))
         took = time.perf_counter() - started
         print(f"  {r.outcome.position} instructions in {took:.1f} s ({r.outcome.position / took / 1e3:.0f}k/s)")
-        t = Timeline(rec)
-        try:
+        with Timeline(rec) as t:
             t.add_breakpoint(sym["pit_start_periodic"])
             stop = t.cont()
             t.remove_breakpoint(sym["pit_start_periodic"])
@@ -176,8 +175,6 @@ def main() -> int:
             for distance in (1_000_000, 10_000_000):
                 reverse_continue(t, hit, distance)
             print(f"checkpoints in memory: {len(t.checkpoints)}, page history {t.pages.stored_bytes >> 20} MiB")
-        finally:
-            t.close()
     return 0
 
 

@@ -399,10 +399,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serial_out = open(args.serial_out, "wb") if args.serial_out else sys.stdout.buffer
         log(f"loading {args.recording}")
         timeline = Timeline(args.recording, kernel_check=args.kernel, serial_out=serial_out, warn=_err)
-    except OSError as e:
-        _err(f"cannot open {e.filename}: {e.strerror}")
-        return EXIT_USAGE
-    except (RecordingError, TimelineError) as e:
+    except (OSError, RecordingError, TimelineError) as e:
+        if args.serial_out and serial_out is not None:
+            _close_streams(serial_out)
+        if isinstance(e, OSError):
+            _err(f"cannot open {e.filename}: {e.strerror}")
+            return EXIT_USAGE
         _err(str(e))
         return EXIT_RECORDING
     try:

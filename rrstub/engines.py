@@ -580,6 +580,7 @@ class ExactEngine(Engine):
         # Replay timeline: on_boundary() runs between instructions once icount reaches boundary_at.
         self.boundary_at = NEVER
         self.on_boundary: Callable[[], None] = lambda: None
+        self.inject_pending_at = -1     # where an interrupt was last injected (delivered by the next step)
 
     def attach(self, machine: Machine) -> None:
         super().attach(machine)
@@ -673,6 +674,7 @@ class ExactEngine(Engine):
             # The next step delivers the interrupt: the instruction at rip
             # does not run now, so a breakpoint there is not hit now.
             self.ctl.flags |= lib.RR_STEP_SKIP_BREAK
+            self.inject_pending_at = self.ctl.icount
 
     def _sync_vcpu_flags(self) -> None:
         ex = self.machine.vcpu._exit

@@ -156,15 +156,8 @@ class _Engine(ExactEngine):
     log at its own checkpoints.  Register checks in the log still are.
     """
 
-    inject_pending_at = -1
-
     def _verify_marker(self, point: ev.Point) -> None:
         self.last_match = self.position
-
-    def after_point(self, landmark: bool) -> None:
-        super().after_point(landmark)
-        if self.ctl.flags & lib.RR_STEP_SKIP_BREAK:
-            self.inject_pending_at = self.ctl.icount
 
 
 # ---------------------------------------------------------------------------
@@ -220,7 +213,7 @@ class _ArmedWatches:
             self.owners.append(w)
 
     def changed(self, view) -> Optional[int]:
-        for i, w in enumerate(self.owners):
+        for i in range(len(self.owners)):
             s = self.array[i]
             if bytes(view[s.gpa:s.gpa + s.len]) != bytes(ffi.buffer(s.shadow, s.len)):
                 return i
@@ -258,10 +251,8 @@ class Timeline:
     """One recording, replayed on one machine, movable to any of its positions."""
 
     def __init__(self, path: str, *, kernel_check: Optional[str] = None,
-                 serial_out: Optional[BinaryIO] = None, warn: Callable[[str], None] = lambda m: None,
-                 progress: Callable[[str], None] = lambda m: None):
+                 serial_out: Optional[BinaryIO] = None, warn: Callable[[str], None] = lambda m: None):
         from rrstub.session import ReplayError, open_kernel
-        self.progress = progress
         self.rec = rec = Recording.open(path)
         self.machine: Optional[Machine] = None
         try:
@@ -316,6 +307,12 @@ class Timeline:
             self.machine.close()
             self.machine = None
         self.rec.close()
+
+    def __enter__(self) -> "Timeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- positions -------------------------------------------------------------
     @property
@@ -416,8 +413,7 @@ class Timeline:
                     e.until = pos
             self._next_accesses = self._decode_next()
         if pos % CHECKPOINT_EVERY == 0:
-            if pos not in self.checkpoints:
-                self._capture()
+            self._capture()
         if pos % POLL_EVERY == 0 and self._poll():
             self._interrupted = True
             e.until = pos
@@ -515,12 +511,10 @@ class Timeline:
         if out.reason != "until":
             return self._end_stop(out)
         if self._access_hits:
-            w = self._access_hits[-1][1]
-            return Stop("watch", self.position, w.address, _WATCH_REPORT[w.kind])
+            return _watch_stop(self.position, self._access_hits[-1][1])
         hit = self._armed.changed(self.machine.mem.view)
         if hit is not None:
-            w = self._armed.owners[hit]
-            return Stop("watch", self.position, w.address, _WATCH_REPORT[w.kind])
+            return _watch_stop(self.position, self._armed.owners[hit])
         return Stop("step", self.position)
 
     def cont(self, poll: Callable[[], bool] = lambda: False) -> Stop:
@@ -535,13 +529,11 @@ class Timeline:
             self._poll = lambda: False
             self._stop_on_access = False
         if out.reason == "until" and self._access_hits:
-            w = self._access_hits[-1][1]
-            return Stop("watch", self.position, w.address, _WATCH_REPORT[w.kind])
+            return _watch_stop(self.position, self._access_hits[-1][1])
         if out.reason == "break":
             return Stop("break", self.position, self._pc())
         if out.reason == "watch":
-            w = self._armed.owners[out.status]
-            return Stop("watch", self.position, w.address, _WATCH_REPORT[w.kind])
+            return _watch_stop(self.position, self._armed.owners[out.status])
         if out.reason == "until":
             return Stop("interrupted", self.position)
         return self._end_stop(out)
@@ -578,7 +570,7 @@ class Timeline:
         hits: list[tuple[int, Stop]] = []
         while self.position < hi:
             out = self._run(hi, breaks=True, watches=True)
-            hits += [(pos, Stop("watch", pos, w.address, _WATCH_REPORT[w.kind])) for pos, w in self._access_hits]
+            hits += [(pos, _watch_stop(pos, w)) for pos, w in self._access_hits]
             if self._interrupted:
                 break
             if out.reason == "break":
@@ -601,7 +593,7 @@ class Timeline:
         self._armed.refresh(i, self.machine.mem.view)
         pos = self.position - 1
         if not hits or hits[-1][0] != pos:
-            hits.append((pos, Stop("watch", pos, w.address, _WATCH_REPORT[w.kind])))
+            hits.append((pos, _watch_stop(pos, w)))
 
     def goto(self, position: int) -> Stop:
         if not 0 <= position <= self.last:
@@ -691,6 +683,10 @@ class Timeline:
 
 
 _WATCH_REPORT = {"write": "watch", "read": "rwatch", "access": "awatch"}
+
+
+def _watch_stop(position: int, w: Watch) -> Stop:
+    return Stop("watch", position, w.address, _WATCH_REPORT[w.kind])
 
 
 def _full_tag(abridged: int) -> int:

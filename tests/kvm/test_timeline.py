@@ -34,25 +34,19 @@ def state(t: Timeline) -> tuple:
     "by replaying forward; forward-only paths always agree"))
 def test_every_path_to_a_position_gives_the_same_machine(exact_recording):
     path, _ = exact_recording
-    forward = Timeline(str(path))
-    try:
+    with Timeline(str(path)) as forward:
         assert len([c for c in forward.checkpoints.values() if c.recorded]) >= 5
         positions = sorted(random.Random(4).sample(range(1, forward.last), 8)) + [forward.last - 1]
         expected = {}
         for p in positions:            # one pass forward, from the start
             forward.goto(p)
             expected[p] = state(forward)
-    finally:
-        forward.close()
-    jumping = Timeline(str(path))      # recorded markers only: far jumps restore them
-    try:
+    with Timeline(str(path)) as jumping:      # recorded markers only: far jumps restore them
         order = positions[::-1] + positions[::2]
         for p in order:
             jumping.goto(p)
             assert state(jumping) == expected[p], f"instruction {p} reached another way differs"
         assert len(jumping.checkpoints) > 20   # checkpoints were made on the way
-    finally:
-        jumping.close()
 
 
 @pytest.mark.xfail(strict=False, reason=(
@@ -61,8 +55,7 @@ def test_every_path_to_a_position_gives_the_same_machine(exact_recording):
     "RFLAGS an interrupt frame pushes while KVM's single-step TF is set"))
 def test_reverse_step_restores_memory_written_since_the_checkpoint(exact_recording):
     path, _ = exact_recording
-    t = Timeline(str(path))
-    try:
+    with Timeline(str(path)) as t:
         start = 5 * CHECKPOINT_EVERY + 1000
         t.goto(start)
         states = [state(t)]
@@ -76,23 +69,18 @@ def test_reverse_step_restores_memory_written_since_the_checkpoint(exact_recordi
         assert t.reverse_step().position == start - 1
         t.goto(0)
         assert t.reverse_step().kind == "begin"
-    finally:
-        t.close()
 
 
 def test_serial_output_appears_once_however_often_replay_passes_it(exact_recording):
     path, recorded_output = exact_recording
     out = io.BytesIO()
-    t = Timeline(str(path), serial_out=out)
-    try:
+    with Timeline(str(path), serial_out=out) as t:
         assert t.cont().kind == "end"
         assert out.getvalue() == recorded_output
         assert t.cont().kind == "end"            # at the end already: nothing runs
         t.goto(0)
         assert t.cont().kind == "end"
         assert out.getvalue().count(b"race: counter=") == 1
-    finally:
-        t.close()
 
 
 def test_fast_recordings_are_refused_with_the_way_out(kernels, tmp_path):
