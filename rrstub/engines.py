@@ -248,6 +248,9 @@ class Engine:
         self.recording_markers: list = []
         self.host_origin = host_monotonic_ns()
         self.progress = progress
+        # Runs after each completed I/O exit, before its point: the guest is
+        # between instructions, nothing is injected yet (hypercall services).
+        self.on_io_done: Optional[Callable[[object], None]] = None
 
     # -- wiring ------------------------------------------------------------------
     def attach(self, machine: Machine) -> None:
@@ -850,6 +853,8 @@ class ExactEngine(Engine):
             return
         # Finish the instruction now, so every point sees a whole instruction.
         self._one_instruction(lib.RR_STEP_COMPLETE, "KVM_RUN (completing I/O)")
+        if self.on_io_done is not None:
+            self.on_io_done(exit)
         if isinstance(exit, (IoOut, IoIn)):
             self.exit_check(exit)
         self.point(True)
@@ -966,6 +971,8 @@ class FastEngine(Engine):
                 self.handle_exit(exit)
                 if m._stop is not None:
                     break
+                if self.on_io_done is not None:
+                    self.on_io_done(exit)
                 if isinstance(exit, (IoOut, IoIn)):
                     self.exit_check(exit)
                 self.point(True)

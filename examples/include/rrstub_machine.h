@@ -78,13 +78,19 @@ struct rrstub_boot_info {
 /*
  * Hypercalls: `out %eax, %dx` with DX = RRSTUB_HYPERCALL and EAX = function
  * number; arguments in RBX, RCX, RSI, RDI; the result comes back in RAX.
- * Function numbers not listed here are reserved (later: replay-only
- * assertions, in-guest recording control, markers) and return
- * RRSTUB_HC_UNKNOWN.
+ * A result is the same while recording and replaying, so the guest's path
+ * never depends on which of the two is happening.
  */
 #define RRSTUB_HC_VERSION   0       /* returns RRSTUB_HC_VERSION_VALUE */
+#define RRSTUB_HC_MARKER    1       /* RBX = name (char *, or 0): a named marker here while recording; returns 0 */
+#define RRSTUB_HC_RECORD_START 2    /* start recording (rrstub run --allow-guest-record); 0 or RRSTUB_HC_DENIED */
+#define RRSTUB_HC_RECORD_STOP  3    /* stop recording; 0 or RRSTUB_HC_DENIED */
+#define RRSTUB_HC_VASSERT   4       /* see rrstub_vassert.h */
+#define RRSTUB_HC_VASSERT_DONE 5
 #define RRSTUB_HC_VERSION_VALUE 0x5252535400000001  /* "RRST" << 32 | 1 */
 #define RRSTUB_HC_UNKNOWN   0xffffffffffffffff
+#define RRSTUB_HC_DENIED    0xfffffffffffffffe
+#define RRSTUB_HC_VASSERT_CHECK 1
 
 #ifndef __ASSEMBLER__
 static inline void outb(uint16_t port, uint8_t v) { __asm__ volatile("outb %0, %1" :: "a"(v), "Nd"(port)); }

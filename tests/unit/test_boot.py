@@ -317,7 +317,11 @@ def test_header_matches_vmm_constants():
         "RRSTUB_COM1": machine.COM1, "RRSTUB_HYPERCALL": hypercall.HYPERCALL_PORT,
         "RRSTUB_IRQ_PIT": machine.PIT_IRQ, "RRSTUB_IRQ_COM1": machine.COM1_IRQ, "RRSTUB_IRQ_RTC": machine.RTC_IRQ,
         "RRSTUB_HC_VERSION": hypercall.HC_VERSION, "RRSTUB_HC_VERSION_VALUE": hypercall.HC_VERSION_VALUE,
-        "RRSTUB_HC_UNKNOWN": hypercall.HC_UNKNOWN,
+        "RRSTUB_HC_UNKNOWN": hypercall.HC_UNKNOWN, "RRSTUB_HC_DENIED": hypercall.HC_DENIED,
+        "RRSTUB_HC_MARKER": hypercall.HC_MARKER, "RRSTUB_HC_RECORD_START": hypercall.HC_RECORD_START,
+        "RRSTUB_HC_RECORD_STOP": hypercall.HC_RECORD_STOP, "RRSTUB_HC_VASSERT": hypercall.HC_VASSERT,
+        "RRSTUB_HC_VASSERT_DONE": hypercall.HC_VASSERT_DONE,
+        "RRSTUB_HC_VASSERT_CHECK": hypercall.HC_VASSERT_CHECK,
     }
     defines = header_defines()
     assert defines == expected                   # same names (none unchecked) and same values
