@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--clients", type=int, default=None, metavar="N",
                      help="exit after N gdb sessions (default: serve until Ctrl-C)")
 
+    from rrstub import trace
+    trace.add_parser(sub)
+
     inf = sub.add_parser("info", help="describe a recording", formatter_class=argparse.RawDescriptionHelpFormatter,
                          description="Describe a recording without replaying it: guest time, "
                                      "positions, markers, event counts, sizes, host and mode. It reads "
@@ -501,6 +504,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    from rrstub.trace import cmd_trace as run_trace
+    return run_trace(args)
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from vmm.probe import format_report, probe_host
 
@@ -524,7 +532,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_USAGE
     try:
         return {"run": cmd_run, "doctor": cmd_doctor, "record": cmd_record, "replay": cmd_replay,
-                "info": cmd_info, "serve": cmd_serve}[args.command](args)
+                "info": cmd_info, "serve": cmd_serve, "trace": cmd_trace}[args.command](args)
     except KvmUnavailable as e:
         _err(str(e))
         return EXIT_NO_KVM
