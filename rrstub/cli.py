@@ -130,6 +130,26 @@ exit status:
 """
 
 
+CROP_EPILOG = """\
+The cropped recording replays on its own (`rrstub replay OUT`) and ends with
+reason "cropped" at the --to marker, after checking the machine's state there
+against the digest the original recorded. Its `rrstub info` names the source
+recording and marker. The serial output of a crop is not checked against a
+recorded hash (the original only hashed the whole run's output).
+
+exit status:
+  0  written (and, unless --no-verify, replayed and verified)
+  2  bad arguments, an unusable recording, or markers that do not exist or are
+     out of order (the message lists the markers there are)
+  66 the crop was written but did not verify (please report it: a bug)
+
+examples:
+  rrstub info race.rrr                         # markers m0, m1, ...
+  rrstub crop race.rrr --from m2 --to m5 -o part.rrr
+  rrstub replay part.rrr
+"""
+
+
 def _speed(text: str) -> Optional[float]:
     if text == "max":
         return None
@@ -241,6 +261,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     from rrstub import trace
     trace.add_parser(sub)
+
+    crp = sub.add_parser(
+        "crop", help="cut the part between two markers into its own recording",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write the part of a recording between two of its markers as a new, smaller, "
+                    "self-contained recording: it starts with a full snapshot of the machine at "
+                    "--from (rebuilt from the markers before it) and ends at --to, where replay "
+                    "checks the machine against the original's marker. Positions keep the "
+                    "original's numbering. No KVM is needed.",
+        epilog=CROP_EPILOG)
+    crp.add_argument("recording", metavar="REC", help="the recording to crop (it is not changed)")
+    crp.add_argument("--from", dest="start", required=True, metavar="MARKER",
+                     help="first marker: mN, a marker's name, or its position (`rrstub info` lists them)")
+    crp.add_argument("--to", dest="stop", required=True, metavar="MARKER", help="last marker, after --from")
+    crp.add_argument("-o", "--output", required=True, metavar="OUT", help="the new recording")
+    crp.add_argument("--no-verify", action="store_true",
+                     help="do not replay the cropped recording to check it (checking needs KVM)")
+    crp.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
 
     inf = sub.add_parser("info", help="describe a recording", formatter_class=argparse.RawDescriptionHelpFormatter,
                          description="Describe a recording without replaying it: guest time, "
@@ -504,6 +542,50 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_crop(args: argparse.Namespace) -> int:
+    from rrstub.edit import EditError, crop
+    from rrstub.recording import RecordingError
+
+    progress = (lambda m: None) if args.quiet else (lambda m: _err(m))
+    try:
+        done = crop(args.recording, args.output, args.start, args.stop, progress=progress)
+    except (EditError, RecordingError) as e:
+        _err(str(e))
+        return EXIT_RECORDING
+    except OSError as e:
+        _err(f"cannot write {args.output}: {e.strerror}")
+        return EXIT_RECORDING
+    if not args.quiet:
+        _err(f"cropped m{done['from']}..m{done['to']} (positions {done['first_position']}.."
+             f"{done['last_position']}) into {args.output}: {done['markers']} markers, {done['bytes']} "
+             f"bytes ({done['source_bytes']} in the original)")
+    if args.no_verify:
+        return 0
+    return _verify_replay(args.output, args.quiet)
+
+
+def _verify_replay(path: str, quiet: bool) -> int:
+    """Replay a recording just written, to check it; 0 when it matched to its end."""
+    from rrstub.engines import Divergence, EngineError
+    from rrstub.session import EXIT_DIVERGED, ReplayError, replay
+
+    try:
+        with open(os.devnull, "wb") as sink:
+            result = replay(path, serial_out=sink, warn=_err)
+    except Divergence as e:
+        _err(f"{path} was written but does not replay: {e}")
+        return EXIT_DIVERGED
+    except (ReplayError, EngineError) as e:
+        _err(f"{path} was written but could not be replayed to check it: {e}")
+        return EXIT_DIVERGED
+    if not result.verified_end:
+        _err(f"{path} was written, but its replay ended with {result.outcome.reason}, not its recorded end")
+        return EXIT_DIVERGED
+    if not quiet:
+        _err(f"verified: {path} replays to its end and matches ({result.host_seconds:.2f} s)")
+    return 0
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     from rrstub.trace import cmd_trace as run_trace
     return run_trace(args)
@@ -532,7 +614,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_USAGE
     try:
         return {"run": cmd_run, "doctor": cmd_doctor, "record": cmd_record, "replay": cmd_replay,
-                "info": cmd_info, "serve": cmd_serve, "trace": cmd_trace}[args.command](args)
+                "info": cmd_info, "serve": cmd_serve, "trace": cmd_trace,
+                "crop": cmd_crop}[args.command](args)
     except KvmUnavailable as e:
         _err(str(e))
         return EXIT_NO_KVM

@@ -235,6 +235,7 @@ class Engine:
         self.marker_every_ns = marker_every_ns
         self.next_marker_ns = marker_every_ns if marker_every_ns > 0 else NEVER
         self.marker_requested = False
+        self.marker_name: tuple[Optional[str], str] = (None, "signal")
         self.until = until
         self.end_host_ns: Optional[int] = None   # recording: --timeout, as host CLOCK_MONOTONIC
         self.speed = speed
@@ -275,10 +276,48 @@ class Engine:
         return self.host_virtual_ns()
 
     # -- markers ---------------------------------------------------------------
-    def initial_marker(self) -> Optional[tuple[bytes, dict]]:
-        """Recording: the full marker at position 0, (blob, meta)."""
-        blob, digest, meta = self.markers.capture(self.position, self.engine_state(), full=True)
+    def initial_marker(self, origin: str = "start", resume: Optional[str] = None) -> tuple[bytes, dict]:
+        """Recording: the full marker that starts a recording here, (blob, meta)."""
+        blob, digest, meta = self.markers.capture(self.position, self.engine_state(), full=True,
+                                                  name=origin, origin=origin, resume=resume)
+        self._schedule_next_marker()
         return blob, meta
+
+    def resume(self, how: Optional[str]) -> None:
+        """After restoring a recording's first marker: finish what its ``resume`` meta says."""
+        if how in ("after_point", "after_landmark"):
+            vcpu = self.machine.vcpu
+            _check(lib.rr_settle(vcpu.fd, vcpu._run, vcpu._exit), "KVM_RUN (settle)")
+            vcpu.if_flag = bool(vcpu._exit.if_flag)
+            vcpu.ready_for_injection = bool(vcpu._exit.ready_for_injection)
+            self.after_point(how == "after_landmark")
+        elif how is not None:
+            raise EngineError(f"the first marker asks replay to resume {how!r}, which this rrstub "
+                              "does not know; use a newer rrstub")
+
+    def request_marker(self, name: Optional[str] = None, origin: str = "signal") -> None:
+        """Recording: take a marker at the next point (thread- and signal-safe: only sets fields)."""
+        self.marker_name = (name, origin)
+        self.marker_requested = True
+
+    def start_recording(self, sink: "LogSink", marker_sink: Callable[[bytes, dict], None]) -> None:
+        """Turn this engine into a recorder from where it stands: it records from now on.
+
+        A replaying engine goes live (the rest of the run comes from the host,
+        not the log); a recording engine switches to another log.  The caller
+        takes the new recording's initial marker next (``initial_marker``).
+        """
+        self.source = None
+        self.sink = sink
+        self.marker_sink = marker_sink
+        self.until = None
+        self.speed = None
+        self.host_origin = host_monotonic_ns() - self.guest_now()
+        self.next_marker_ns = NEVER
+        self.prepare_recording()
+
+    def prepare_recording(self) -> None:
+        """Engine-specific state a recorder needs when it starts mid-run."""
 
     def restore(self, state: MarkerState, chain: Optional[list[bytes]] = None) -> None:
         self.markers.restore(state, chain)
@@ -298,17 +337,26 @@ class Engine:
         return False
 
     def _take_marker(self) -> tuple[int, bytes]:
-        index = self.markers.count
-        blob, digest, meta = self.markers.capture(self.position, self.engine_state(), full=False)
-        self.sink.flush(self.position)   # the events before a marker come before it in the file
-        self.marker_sink(blob, meta)
+        name, origin = self.marker_name if self.marker_requested else (None, "auto")
         self.marker_requested = False
+        self.marker_name = (None, "signal")
+        index = self.markers.count
+        blob, digest, meta = self.markers.capture(self.position, self.engine_state(), full=False,
+                                                  name=name, origin=origin)
+        self.sink.flush(self.position)   # the events before a marker come before it in the file
+        count = self.markers.count
+        self.marker_sink(blob, meta)
+        # The sink may have rebased the recording onto a later marker
+        # (rolling, quota), renumbering markers: the point names the new index.
+        index -= count - self.markers.count
         self._schedule_next_marker()
         return index, digest
 
     def _schedule_next_marker(self) -> None:
         if self.marker_every_ns > 0:
             now = self.guest_now()
+            if self.next_marker_ns == NEVER:
+                self.next_marker_ns = now + self.marker_every_ns
             while self.next_marker_ns <= now:
                 self.next_marker_ns += self.marker_every_ns
 

@@ -77,6 +77,27 @@ def decode_marker(blob: bytes) -> MarkerState:
         raise MarkerError(f"marker cannot be decoded: {e}") from None
 
 
+def marker_meta(index: int, position: int, guest_ns: int, full: bool, digest: bytes,
+                pages: Optional[int], name: Optional[str], origin: str, resume: Optional[str]) -> dict:
+    """A MARKER chunk's meta.
+
+    origin: how the marker came to be (start, auto, signal, key, hypercall,
+    crop, rebase, branch, guest-start).  resume: for a recording's first
+    marker only, what replay still has to do after restoring it: None (the
+    state lies between two instructions, nothing pending) or "after_point"
+    (the marker was taken inside a point, after its deliveries and before
+    its interrupt injection: replay runs the injection).  "landmark" marks
+    such a point in the fast engine.
+    """
+    meta = {"index": index, "position": position, "guest_ns": guest_ns, "full": full,
+            "digest": digest.hex(), "pages": pages, "origin": origin}
+    if name:
+        meta["name"] = name
+    if resume:
+        meta["resume"] = resume
+    return meta
+
+
 def chain_digest(previous: bytes, vcpu: VcpuState, devices_blob: bytes, pages_digest: int) -> bytes:
     """The marker digest: previous marker, general and system registers, devices, dirtied pages.
 
@@ -105,23 +126,31 @@ class MarkerKeeper:
         self.count = 0
         self.last_digest = b""
 
-    def capture(self, position: int, engine: dict, full: bool) -> tuple[bytes, bytes, dict]:
+    def capture(self, position: int, engine: dict, full: bool, name: Optional[str] = None,
+                origin: str = "auto", resume: Optional[str] = None) -> tuple[bytes, bytes, dict]:
         """(blob, digest, meta) of the machine now; starts a new dirty interval.
 
-        A full marker is only taken at position 0, before the guest ran.
+        A full marker starts a recording: at position 0 only the loader has
+        written RAM; later (a branch, a guest-started recording) every
+        non-zero page is stored and the marker count restarts at 0.
+        ``resume`` tells replay what is left to do after restoring it
+        (``marker_meta``).
         """
         m = self.machine
         vcpu, devices, devices_blob = self._state_now()
         if full:
-            # Only the loader has written RAM before the first marker.
-            pages = snapshot.encode_pages(m.mem, sorted(m.mem.host_written))
+            if position == 0:
+                pages = snapshot.encode_pages(m.mem, sorted(m.mem.host_written))
+            else:
+                pages = snapshot.encode_pages(m.mem, snapshot.nonzero_pages(m.mem))
             digest = chain_digest(hashlib.blake2b(pages, digest_size=16).digest(), vcpu, devices_blob, 0)
+            self.count = 0
         else:
             pages = snapshot.encode_pages(m.mem, self.tracker.pages())
             digest = self._incremental_digest(vcpu, devices_blob)
         blob = encode_marker(self.count, position, engine, vcpu, devices, pages, digest, full)
-        meta = {"index": self.count, "position": position, "guest_ns": engine.get("guest_ns", 0),
-                "full": full, "digest": digest.hex(), "pages": len(self.tracker.pages()) if not full else None}
+        meta = marker_meta(self.count, position, engine.get("guest_ns", 0), full, digest,
+                           None if full else len(self.tracker.pages()), name, origin, resume)
         self._advance(digest)
         return blob, digest, meta
 

@@ -200,6 +200,50 @@ class RecordingWriter:
             self.close()
             raise
 
+    @classmethod
+    def continuing(cls, rec: "Recording", upto: int, path, *, level: int = 3) -> "RecordingWriter":
+        """A new file at ``path`` holding ``rec``'s bytes before byte offset
+        ``upto`` (a chunk boundary), to which chunks can be added as to the
+        original.  Used to rewrite a recording's tail (END with new labels)."""
+        kept = [c for c in rec.chunks if c.offset + c.stored_size <= upto]
+        if not kept or kept[-1].offset + kept[-1].stored_size != upto:
+            raise ValueError(f"byte offset {upto} is not a chunk boundary of {rec.path}")
+        self = cls.__new__(cls)
+        self.path = os.fspath(path)
+        self._cctx = zstandard.ZstdCompressor(level=level)
+        self._chunks = list(kept)
+        self._offset = 0
+        self._raw_bytes = sum(c.raw_size for c in kept)
+        self._failed = False
+        self._has_marker = any(c.kind is ChunkKind.MARKER for c in kept)
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise RecordingError(self.path, f"cannot create recording {self.path}: {e.strerror}") from None
+        try:
+            done = 0
+            while done < upto:
+                data = rec._read_raw(done, min(1 << 22, upto - done))
+                self._write(data, done)
+                done += len(data)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def rename(self, path) -> None:
+        """Move the file being written to ``path`` (atomically replacing what is there)."""
+        path = os.fspath(path)
+        try:
+            os.replace(self.path, path)
+        except OSError as e:
+            raise RecordingError(path, f"cannot move {self.path} to {path}: {e.strerror}") from None
+        self.path = path
+
+    @property
+    def chunks(self) -> list[ChunkInfo]:
+        return list(self._chunks)
+
     @property
     def bytes_written(self) -> int:
         return self._offset
@@ -360,6 +404,18 @@ class Recording:
         meta_end = CHUNK_HEADER_SIZE + header.meta_len
         _parse_meta(self.path, chunk.offset, header, data[CHUNK_HEADER_SIZE:meta_end])
         return _unpack_payload(self.path, chunk.offset, header, data[meta_end:])
+
+    def _read_raw(self, offset: int, n: int) -> bytes:
+        if self._reader is None:
+            raise ValueError(f"the recording {self.path} is closed")
+        return self._reader.read(offset, n)
+
+    @property
+    def labels(self) -> list[dict]:
+        """Positions named during replay (``monitor marker add``): [{name, position}], from END."""
+        found = (self.summary or {}).get("labels", [])
+        return [x for x in found if isinstance(x, dict) and isinstance(x.get("name"), str)
+                and isinstance(x.get("position"), int)]
 
     def verify(self) -> None:
         """Check every chunk's header, meta and payload checksums (reads the whole file)."""

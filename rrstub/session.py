@@ -236,6 +236,7 @@ def replay(path: str, *, until: Optional[int] = None, speed: Optional[float] = N
                 raise ReplayError(f"{path}: the initial marker at byte offset {rec.markers[0].offset} "
                                   f"is unusable: {e}") from None
             engine.restore(initial)
+            engine.resume(rec.markers[0].meta.get("resume"))
             end = source.end
             try:
                 outcome = engine.run()

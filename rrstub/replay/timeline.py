@@ -335,7 +335,8 @@ class Timeline:
                 continue
             self.pages.add(state.position, pages)
             self._add(Checkpoint(state.position, state.vcpu, state.devices, state.engine, cursor,
-                                 tuple(p for p, _ in pages), False, marker_point=state.index > 0,
+                                 tuple(p for p, _ in pages), False,
+                                 marker_point=state.index > 0 or info.meta.get("resume") == "after_point",
                                  recorded=state.index))
 
     def _add(self, cp: Checkpoint) -> None:
