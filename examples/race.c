@@ -16,8 +16,16 @@
  *
  * The debugger's tests rely on these names: `counter` (watchpoints),
  * `increment` and `worker` (breakpoints).
+ *
+ * Built with -DRACE_VASSERT (build/race-vassert.elf), increment() checks
+ * every store with a VAssert (include/rrstub_vassert.h): free while
+ * recording, evaluated by `rrstub replay --vassert`, which then reports
+ * exactly the stores that lost updates.
  */
 #include "kernel.h"
+#ifdef RACE_VASSERT
+#include "rrstub_vassert.h"
+#endif
 
 #define WORKERS       3
 #define INCREMENTS    10000     /* per worker; ~32 instructions each: ~0.75 s in all */
@@ -51,7 +59,15 @@ __attribute__((noinline)) void increment(void)
     int seen = counter;
     for (unsigned i = 0; i < WINDOW_SPINS; i++)
         __asm__ volatile("nop");    /* stands in for work on the copy */
+#ifdef RACE_VASSERT
+    /* The store as an exchange that returns what it overwrote: if that is
+     * not what we loaded, other threads' updates are being overwritten
+     * (old - seen of them; summed over the failures, that is `lost`). */
+    int old = __atomic_exchange_n(&counter, seen + 1, __ATOMIC_RELAXED);
+    VASSERT_EQ(old, seen);
+#else
     counter = seen + 1;
+#endif
 }
 
 void worker(uint64_t id)

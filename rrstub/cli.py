@@ -77,11 +77,22 @@ modes:
          (cached per boot) and says which and why.
 
 markers: a full snapshot at the start, then one every --marker-every seconds
-of guest time (pages the guest changed since the previous one); send SIGUSR1
-to the recorder for one more at the next opportunity.
+of guest time (pages the guest changed since the previous one). More, named:
+press m on the terminal (when standard input is a terminal and not the
+guest's --serial-in), send SIGUSR1 to the recorder, or let the guest call
+the marker hypercall with a name (examples/include/rrstub_machine.h).
+`rrstub info REC` lists them all.
+
+disk quota and rolling:
+  --quota SIZE          recording stops (status 75) before the file exceeds SIZE
+                        by more than one chunk; the file replays up to there
+  --rolling SECONDS     keeps the last SECONDS of guest time: when the file
+                        covers 1.5x that, it restarts at a later marker (a full
+                        snapshot there); stderr says each time what was dropped
+  --rolling with --quota  also drops the oldest part when the file nears SIZE
 
 exit status: as `rrstub run` (the guest's own status, 70 crash, 71 hung,
-124 --timeout, 130 Ctrl-C). The recording is complete in every case: replay
+124 --timeout, 130 Ctrl-C), and 75 when --quota stopped the recording. The recording is complete in every case: replay
 reproduces the crash, the hang, or the run up to the timeout.
 
 examples:
@@ -216,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
                      help="stop recording after this many seconds (status 124); the recording is kept")
     rec.add_argument("--cmdline", default="", metavar="TEXT", help="kernel command line")
+    rec.add_argument("--quota", type=_size, metavar="SIZE",
+                     help="keep the file under SIZE (e.g. 50M): recording stops there (status 75), "
+                          "or with --rolling the oldest part is dropped")
+    rec.add_argument("--rolling", type=_positive_float, metavar="SECONDS",
+                     help="keep only about the last SECONDS of guest time (at least that, at most "
+                          "1.5x), by restarting the recording at a later marker")
     rec.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
 
     rep = sub.add_parser(
@@ -386,12 +403,28 @@ def cmd_record(args: argparse.Namespace) -> int:
     except OSError as e:
         _err(f"cannot open {e.filename}: {e.strerror}")
         return EXIT_USAGE
+    marker_every = 0 if args.no_markers else args.marker_every
+    if args.rolling is not None:
+        if args.no_markers:
+            _err("--rolling needs markers to restart the recording at: drop --no-markers")
+            return EXIT_USAGE
+        if marker_every > args.rolling / 4:
+            marker_every = args.rolling / 4
+            if not args.quiet:
+                _err(f"--rolling {args.rolling:g}: taking a marker every {marker_every:g} s of guest "
+                     "time (a quarter of the window) so that old parts can be dropped")
+    if args.quota is not None and args.quota < 64 << 10:
+        _err(f"--quota {args.quota}: too small to hold a recording; give at least 64K")
+        return EXIT_USAGE
+    keys = sys.stdin if args.serial_in != "-" and sys.stdin is not None and sys.stdin.isatty() else None
     try:
         result = record(args.kernel, args.output, mode, mem_size=args.mem, cmdline=args.cmdline,
                         serial_in=serial_in, serial_out=serial_out, timeout=args.timeout,
-                        marker_every_ns=0 if args.no_markers else int(args.marker_every * 1e9),
+                        marker_every_ns=int(marker_every * 1e9),
                         mode_reason=why, nominal_ps=int(1e12 / facts.cpl0_instructions_per_s),
-                        cpl3_landmarks=facts.singlestep_cpl3, warn=_err)
+                        cpl3_landmarks=facts.singlestep_cpl3, quota=args.quota,
+                        rolling_ns=None if args.rolling is None else int(args.rolling * 1e9),
+                        keys=keys, warn=_err)
     except (boot.BootError, GuestMemoryError) as e:
         _err(str(e))
         return EXIT_USAGE
@@ -408,6 +441,11 @@ def cmd_record(args: argparse.Namespace) -> int:
         _err(f"recorded {o.reason} (status {o.status}) after {o.guest_ns / 1e9:.3f} s of guest time, "
              f"{o.position} {unit}, {result.markers} markers, in {result.host_seconds:.2f} s: "
              f"{args.output} ({result.file_bytes} bytes)")
+        r = result.rolling
+        if r and r.get("rebases"):
+            _err(f"rolling: the recording keeps {unit} {r['kept_from_position']}..{o.position} "
+                 f"(guest {r['kept_from_guest_ns'] / 1e9:.3f}..{o.guest_ns / 1e9:.3f} s); "
+                 f"{r['rebases']} restarts dropped {r['dropped_bytes']} bytes")
     return exit_status(o)
 
 

@@ -151,13 +151,14 @@ def resume_of(rec: Recording, index: int) -> Optional[str]:
 
 
 def copy_from_marker(rec: Recording, writer: RecordingWriter, first: int, last: Optional[int] = None,
-                     progress: Callable[[str], None] = lambda m: None) -> Copied:
+                     progress: Callable[[str], None] = lambda m: None,
+                     resume: Optional[str] = None) -> Copied:
     """Write ``rec`` from marker ``first`` (as marker 0) to ``writer``; up to marker ``last`` if given.
 
     Without ``last`` everything after the marker is copied, the END summary
     included in ``Copied.summary`` (not written: the caller finishes).
     """
-    blob, meta = full_marker(rec, first, resume_of(rec, first), progress)
+    blob, meta = full_marker(rec, first, resume or resume_of(rec, first), progress)
     writer.add_marker(meta, blob)
     out = Copied(markers=1, last_position=meta["position"])
     start = rec.markers[first].offset
@@ -274,7 +275,8 @@ def _unlink(path: str) -> None:
 
 
 def rebase(path: str, writer: RecordingWriter, first: int, config_extra: dict,
-           progress: Callable[[str], None] = lambda m: None) -> tuple[RecordingWriter, Copied]:
+           progress: Callable[[str], None] = lambda m: None,
+           resume: Optional[str] = None) -> tuple[RecordingWriter, Copied]:
     """Rolling and quota recording: restart the unfinished recording ``path``
     (being written by ``writer``) at its marker ``first``.
 
@@ -287,7 +289,7 @@ def rebase(path: str, writer: RecordingWriter, first: int, config_extra: dict,
         tmp = _tmp_near(path)
         new = RecordingWriter(tmp, config, rec.kernel_name, rec.kernel_bytes())
         try:
-            copied = copy_from_marker(rec, new, first, None, progress)
+            copied = copy_from_marker(rec, new, first, None, progress, resume)
             new.rename(path)
         except BaseException:
             new.close()

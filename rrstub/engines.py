@@ -57,6 +57,7 @@ FLUSH_BYTES = 256 << 10
 DEFAULT_MARKER_EVERY_NS = 1_000_000_000
 NEVER = (1 << 63) - 1
 RFLAGS_IF = 0x200
+NEVER_RIP = 0xDEAD_0000_0000_0000   # non-canonical: where single-stepping is armed (enable_stepping)
 RETRY_NS = 100_000                  # fast engine: a kick that could not make a landmark retries after this
 GUEST_ENDS = ("exit", "reset", "crash", "hung")
 
@@ -236,6 +237,7 @@ class Engine:
         self.next_marker_ns = marker_every_ns if marker_every_ns > 0 else NEVER
         self.marker_requested = False
         self.marker_name: tuple[Optional[str], str] = (None, "signal")
+        self.point_landmark = False     # recording: the point being delivered is a landmark
         self.until = until
         self.end_host_ns: Optional[int] = None   # recording: --timeout, as host CLOCK_MONOTONIC
         self.speed = speed
@@ -423,6 +425,7 @@ class Engine:
                 return False
             self._deliver(time_ns, data, ps)
             index = digest = None
+            self.point_landmark = landmark is not None
             if marker:
                 index, digest = self._take_marker()
             self.sink.emit(ev.Point(
@@ -733,10 +736,32 @@ class ExactEngine(Engine):
         self.machine.vcpu.ready_for_injection = bool(ex.ready_for_injection)
 
     # -- the loop -------------------------------------------------------------------
+    def enable_stepping(self) -> None:
+        """Turn on KVM single-stepping without letting the guest see the trap flag.
+
+        KVM_SET_GUEST_DEBUG sets RFLAGS.TF for real while RIP is where it was
+        set, so an interrupt delivered by the first step (or a pushf there)
+        would save TF in guest memory, and whether it does would depend on
+        where the run was last started: replay from a marker would write a
+        different interrupt frame than the recording did.  Setting it with
+        RIP at a non-canonical address no guest code can be at, then
+        writing the registers back, leaves TF clear for good (KVM sets it
+        again only when registers are written at that RIP); this host steps
+        in its instruction emulator, which does not need TF.
+        """
+        vcpu = self.machine.vcpu
+        regs = vcpu.get_regs()
+        rip = regs.rip
+        regs.rip = NEVER_RIP
+        vcpu.set_regs(regs)
+        vcpu.set_guest_debug(lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP)
+        regs.rip = rip
+        vcpu.set_regs(regs)
+
     def run(self) -> Outcome:
         m, c = self.machine, self.ctl
         vcpu = m.vcpu
-        vcpu.set_guest_debug(lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP)
+        self.enable_stepping()
         self._load_paging()
         self._rate_icount, self._rate_host = c.icount, host_monotonic_ns()
         vcpu.attach_kicks()

@@ -185,6 +185,7 @@ class RecordingWriter:
         self._raw_bytes = 0
         self._failed = False
         self._has_marker = False
+        self.after_chunk = None   # called with each MARKER/EVENTS ChunkInfo once it is on disk
         try:
             self._fd: int | None = os.open(
                 self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
@@ -216,6 +217,7 @@ class RecordingWriter:
         self._raw_bytes = sum(c.raw_size for c in kept)
         self._failed = False
         self._has_marker = any(c.kind is ChunkKind.MARKER for c in kept)
+        self.after_chunk = None
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         except OSError as e:
@@ -257,12 +259,17 @@ class RecordingWriter:
             raise ValueError(f"marker meta needs integer 'index' and 'position': {meta!r}")
         info = self._add(ChunkKind.MARKER, meta, blob)
         self._has_marker = True
+        if self.after_chunk is not None:
+            self.after_chunk(info)
         return info
 
     def add_events(self, first: int, last: int, count: int, payload: bytes) -> ChunkInfo:
         if not self._has_marker:
             raise ValueError("events need the initial snapshot first: call add_marker before add_events")
-        return self._add(ChunkKind.EVENTS, {"first": first, "last": last, "count": count}, payload)
+        info = self._add(ChunkKind.EVENTS, {"first": first, "last": last, "count": count}, payload)
+        if self.after_chunk is not None:
+            self.after_chunk(info)
+        return info
 
     def finish(self, summary: dict) -> None:
         """Write END, INDEX and the trailer, flush to disk and close."""

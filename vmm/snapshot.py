@@ -232,6 +232,13 @@ class DirtyTracker:
         self._dirty |= int.from_bytes(bitmap, "little")
         self._pages = _set_bits(self._dirty)
 
+    def take_new(self) -> list[int]:
+        """Pages written since KVM's log was last read, ascending; clears KVM's log WITHOUT
+        adding them to the accumulated set (for writes the caller undoes at once: a VAssert
+        evaluation, rrstub/vassert.py).  ``collect()`` first, or earlier writes are lost."""
+        bitmap = self.vm.get_dirty_log(self.slot, self.npages)
+        return _set_bits(int.from_bytes(bitmap, "little"))
+
     def pages(self) -> list[int]:
         """Accumulated dirty page numbers as of the last ``collect()``, ascending."""
         return list(self._pages)

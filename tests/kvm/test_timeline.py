@@ -28,10 +28,6 @@ def state(t: Timeline) -> tuple:
     return t.position, tuple(sorted(regs.items())), hashlib.sha256(t.machine.mem.view).hexdigest()
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known defect, not yet found: on some recordings, memory reached after jumping backwards "
-    "from near the end differs in a few stack pages (the registers agree) from memory reached "
-    "by replaying forward; forward-only paths always agree"))
 def test_every_path_to_a_position_gives_the_same_machine(exact_recording):
     path, _ = exact_recording
     with Timeline(str(path)) as forward:
@@ -49,10 +45,6 @@ def test_every_path_to_a_position_gives_the_same_machine(exact_recording):
         assert len(jumping.checkpoints) > 20   # checkpoints were made on the way
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "the same known defect: on some recordings a stack page reached by restoring a checkpoint and "
-    "replaying differs from the one reached by single steps (registers agree); suspected: the "
-    "RFLAGS an interrupt frame pushes while KVM's single-step TF is set"))
 def test_reverse_step_restores_memory_written_since_the_checkpoint(exact_recording):
     path, _ = exact_recording
     with Timeline(str(path)) as t:
