@@ -45,8 +45,25 @@ int kmain(const struct rrstub_boot_info *boot)
     irq_attach(RRSTUB_IRQ_PIT, count_tick);
     pit_start_periodic(TICK_HZ);
 
+    /* guest_record=1: only the middle third of the work is recorded, under
+     * `rrstub run --allow-guest-record -o REC` (the guest starts and stops
+     * the recording through the hypercall port, and names a marker). */
+    unsigned guest_record = cmdline_uint(boot, "guest_record", 0, 1);
+
     irq_enable();
-    uint32_t result = busy_work(iterations);
+    uint32_t result;
+    if (guest_record) {
+        result = busy_work(iterations / 3);
+        uint64_t start = rrstub_hypercall(RRSTUB_HC_RECORD_START, 0, 0, 0, 0);
+        rrstub_hypercall(RRSTUB_HC_MARKER, (uint64_t)"recorded-work", 0, 0, 0);
+        result ^= busy_work(iterations / 3 + 1);   /* another argument: not folded into the first call */
+        kprintf("ticks: recorded part ends at tick %u (start: %s)\n", ticks,
+                start == 0 ? "recording" : "refused");
+        rrstub_hypercall(RRSTUB_HC_RECORD_STOP, 0, 0, 0, 0);
+        result ^= busy_work(iterations / 3 + 2);
+    } else {
+        result = busy_work(iterations);
+    }
     irq_disable();
 
     unsigned seen = ticks;

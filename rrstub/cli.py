@@ -114,12 +114,24 @@ exit status:
   66   replay diverged from the recording (a report says where and what)
   2    the recording file is unusable (damaged, truncated header, newer format,
        wrong --kernel)
+  67   --vassert: a VASSERT failed or could not be evaluated (instead of the
+       guest's status; 2, 65, 66 and 130 keep theirs); a VASSERT that wrote memory
+       outside its stack stops the replay with 70
+
+vassert: a VASSERT(cond) in the guest costs one exit while recording and does
+nothing else; `replay --vassert` evaluates cond where the guest reached it,
+then restores the machine exactly and replays on. The report counts the
+checks, groups the failures by site (file:line, function, condition, first
+and last position) and lists the first ones.
 
 examples:
   rrstub replay race.rrr
   rrstub replay race.rrr --until 500        # stop at position 500
   rrstub replay race.rrr --until m2         # stop at marker 2
   rrstub replay ticks.rrr --speed realtime
+  rrstub record examples/build/race-vassert.elf -o rv.rrr --mode exact --cmdline increments=300
+  rrstub replay rv.rrr --vassert            # which stores lost updates, and where
+  rrstub replay rv.rrr --vassert-report checks.jsonl
 """
 
 
@@ -206,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "this many seconds")
     run.add_argument("--cmdline", default="", metavar="TEXT",
                      help="command line passed to the kernel in its boot info")
+    run.add_argument("--allow-guest-record", action="store_true",
+                     help="let the guest start and stop recording into -o REC through the hypercall "
+                          "port (RRSTUB_HC_RECORD_START/STOP); the run is then driven by a recorder "
+                          "(--mode) from the start")
+    run.add_argument("-o", "--output", metavar="REC", help="with --allow-guest-record: the recording")
+    run.add_argument("--mode", choices=("auto", "exact", "fast"), default="auto",
+                     help="with --allow-guest-record: the recording engine (default auto)")
     run.add_argument("-q", "--quiet", action="store_true",
                      help="no summary line on stderr when the guest stops")
 
@@ -250,9 +269,24 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--kernel", metavar="PATH",
                      help="check that PATH is the kernel the recording was made with")
     rep.add_argument("--serial-out", metavar="PATH", help="write the replayed UART output to this file")
+    rep.add_argument("--vassert", action="store_true",
+                     help="evaluate the guest's VASSERTs (examples/include/rrstub_vassert.h) on the way, "
+                          "each in the state it was recorded in, and report which failed; the replay "
+                          "itself is not changed (it is still checked against the recording)")
+    rep.add_argument("--vassert-report", metavar="FILE",
+                     help="with --vassert (implied): write every evaluation to FILE as JSON lines")
     rep.add_argument("--gdb", metavar="[HOST:]PORT",
                      help="instead of running to the end, serve the recording to gdb on this address "
                           "(the same as `rrstub serve REC --host HOST --port PORT`)")
+    rep.add_argument("--go-live", metavar="MARKER|POSITION",
+                     help="replay to this marker (mN or a name), label or position, then stop "
+                          "replaying and run on live from that exact state, serial on this terminal")
+    rep.add_argument("-o", "--output", metavar="BRANCH",
+                     help="with --go-live: record the live run as BRANCH, a recording whose parent is REC")
+    rep.add_argument("--serial-in", metavar="PATH|-",
+                     help="with --go-live: bytes for the guest's UART once live (as for `rrstub run`)")
+    rep.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
+                     help="with --go-live: stop the live run after this many seconds (status 124)")
     rep.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
 
     srv = sub.add_parser(
@@ -324,6 +358,65 @@ def _err(msg: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.allow_guest_record or args.output:
+        return _cmd_run_guest_record(args)
+    return _cmd_run_live(args)
+
+
+def _cmd_run_guest_record(args: argparse.Namespace) -> int:
+    from rrstub.hostfacts import choose_mode, host_facts
+    from rrstub.recording import RecordingError
+    from rrstub.session import exit_status, run_guest_controlled
+    from vmm import boot
+    from vmm.memory import GuestMemoryError
+
+    if not (args.allow_guest_record and args.output):
+        _err("--allow-guest-record and -o REC go together: the guest decides when to record, "
+             "into REC (`rrstub record` records a whole run)")
+        return EXIT_USAGE
+    try:
+        boot.load_kernel_file(args.kernel)
+    except boot.BootError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    facts = host_facts()
+    mode, why = (args.mode, "asked for on the command line") if args.mode != "auto" else choose_mode(facts)
+    if mode == "exact" and not facts.singlestep_cpl0:
+        _err("--mode exact needs single-stepping at guest CPL0, which this host's KVM does not do; "
+             "use --mode fast")
+        return EXIT_USAGE
+    try:
+        serial_in, serial_out = _open_streams(args.serial_in, args.serial_out)
+    except OSError as e:
+        _err(f"cannot open {e.filename}: {e.strerror}")
+        return EXIT_USAGE
+    try:
+        outcome, summary = run_guest_controlled(
+            args.kernel, args.output, mode, mem_size=args.mem, cmdline=args.cmdline,
+            serial_in=serial_in, serial_out=serial_out, timeout=args.timeout, mode_reason=why,
+            nominal_ps=int(1e12 / facts.cpl0_instructions_per_s), cpl3_landmarks=facts.singlestep_cpl3,
+            warn=_err)
+    except (boot.BootError, GuestMemoryError) as e:
+        _err(str(e))
+        return EXIT_USAGE
+    except RecordingError as e:
+        _err(str(e))
+        return EXIT_RECORDING
+    finally:
+        _close_streams(serial_in, serial_out)
+    if not args.quiet:
+        _err(f"guest {outcome.reason} (status {outcome.status}) after {outcome.guest_ns / 1e9:.3f} s")
+        if summary is None:
+            _err(f"the guest never started recording: {args.output} was not written")
+        else:
+            _err(f"{args.output}: {mode} recording of positions {summary.get('first_position')}.."
+                 f"{summary['end_position']} ({summary['reason']})")
+    if outcome.reason in ("crash", "hung", "timeout") and outcome.detail:
+        _err(outcome.detail)
+    return exit_status(outcome)
+
+
+def _cmd_run_live(args: argparse.Namespace) -> int:
     from vmm import boot
     from vmm.machine import Machine, MachineError
     from vmm.memory import GuestMemoryError
@@ -508,6 +601,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from rrstub.recording import Recording, RecordingError
     from rrstub.session import EXIT_DIVERGED, ReplayError, exit_status, replay
 
+    vassert = _vassert_start(args)
+    if isinstance(vassert, int):
+        return vassert
     if args.gdb is not None:
         from rrstub.gdbproto.server import parse_address
         if args.until is not None or args.speed is not None:
@@ -522,6 +618,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
         args.clients = None
         return cmd_serve(args)
 
+    if args.go_live is not None:
+        return _cmd_go_live(args)
+    if args.output or args.serial_in or args.timeout:
+        _err("-o, --serial-in and --timeout belong to --go-live (a replay needs no input and ends "
+             "where the recording does)")
+        return EXIT_USAGE
     try:
         with Recording.open(args.recording) as rec:
             until = _parse_until(args.until, rec)
@@ -536,7 +638,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if args.serial_out:
             serial_out = open(args.serial_out, "wb")
         result = replay(args.recording, until=until, speed=args.speed, serial_out=serial_out,
-                        kernel_check=args.kernel, warn=_err)
+                        kernel_check=args.kernel, warn=_err, vassert=vassert)
     except OSError as e:
         _err(f"cannot open {e.filename}: {e.strerror}")
         return EXIT_USAGE
@@ -551,6 +653,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return EXIT_KVM_ERROR
     finally:
         _close_streams(serial_out)
+        if vassert is not None and vassert.report.jsonl is not None:
+            vassert.report.jsonl.close()
     o = result.outcome
     unit = result.engine.unit
     if o.reason == "incomplete":
@@ -564,6 +668,72 @@ def cmd_replay(args: argparse.Namespace) -> int:
         check = "matched the recording" if result.verified_end else "not verified"
         _err(f"replayed {o.reason} (status {o.status}) at {place(unit, o.position)}, "
              f"{o.guest_ns / 1e9:.3f} s of guest time, in {result.host_seconds:.2f} s: {check}")
+    if vassert is not None:
+        _err(vassert.report.format())
+        if not vassert.report.ok and o.reason != "interrupted":
+            from rrstub.vassert import EXIT_VASSERT_FAILED
+            return EXIT_VASSERT_FAILED
+    return exit_status(o)
+
+
+def _vassert_start(args: argparse.Namespace):
+    """``replay --vassert``: a VAssertChecker (None without --vassert), or an exit status."""
+    if not (args.vassert or args.vassert_report):
+        return None
+    if args.gdb is not None or getattr(args, "go_live", None) is not None:
+        _err("--vassert replays the whole recording and reports its VASSERTs: drop --gdb and --go-live")
+        return EXIT_USAGE
+    from rrstub.vassert import VAssertChecker, VAssertReport
+    jsonl = None
+    if args.vassert_report:
+        try:
+            jsonl = open(args.vassert_report, "w")
+        except OSError as e:
+            _err(f"cannot open {e.filename}: {e.strerror}")
+            return EXIT_USAGE
+    return VAssertChecker(VAssertReport(jsonl=jsonl))
+
+
+def _cmd_go_live(args: argparse.Namespace) -> int:
+    from rrstub.engines import Divergence, EngineError, place
+    from rrstub.recording import RecordingError
+    from rrstub.session import EXIT_DIVERGED, ReplayError, exit_status, go_live
+
+    if args.until is not None or args.speed is not None:
+        _err("--go-live replays at full speed to its point and then runs live: drop --until and --speed")
+        return EXIT_USAGE
+    if args.output and os.path.abspath(args.output) == os.path.abspath(args.recording):
+        _err(f"-o {args.output}: the branch needs its own file; {args.recording} is its parent")
+        return EXIT_USAGE
+    try:
+        serial_in, serial_out = _open_streams(args.serial_in, args.serial_out)
+    except OSError as e:
+        _err(f"cannot open {e.filename}: {e.strerror}")
+        return EXIT_USAGE
+    keys = sys.stdin if args.serial_in != "-" and sys.stdin is not None and sys.stdin.isatty() else None
+    try:
+        result = go_live(args.recording, args.go_live, out_path=args.output, serial_in=serial_in,
+                         serial_out=serial_out, timeout=args.timeout, kernel_check=args.kernel,
+                         keys=keys, warn=_err)
+    except (RecordingError, ReplayError) as e:
+        _err(str(e))
+        return EXIT_RECORDING
+    except Divergence as e:
+        _err(str(e))
+        return EXIT_DIVERGED
+    except EngineError as e:
+        _err(f"go-live failed: {e}")
+        return EXIT_KVM_ERROR
+    finally:
+        _close_streams(serial_in, serial_out)
+    o = result.outcome
+    if result.message:
+        _err(result.message)
+    if not args.quiet:
+        unit = "instructions" if result.mode == "exact" else "exits"
+        kept = f"branch recorded: {args.output} ({result.file_bytes} bytes)" if args.output else "not recorded"
+        _err(f"live run ended: {o.reason} (status {o.status}) at {place(unit[:-1], o.position)}, "
+             f"{o.guest_ns / 1e9:.3f} s of guest time; {kept}")
     return exit_status(o)
 
 

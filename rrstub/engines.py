@@ -254,6 +254,9 @@ class Engine:
         # Runs after each completed I/O exit, before its point: the guest is
         # between instructions, nothing is injected yet (hypercall services).
         self.on_io_done: Optional[Callable[[object], None]] = None
+        # Recording: runs in every point after its deliveries, before its
+        # interrupt injection (where a recording can start or stop).
+        self.before_injection: Optional[Callable[[bool], None]] = None
 
     # -- wiring ------------------------------------------------------------------
     def attach(self, machine: Machine) -> None:
@@ -421,6 +424,8 @@ class Engine:
                 if not deterministic:
                     return False
                 self._deliver(None, b"")
+                if self.before_injection is not None:
+                    self.before_injection(False)
                 self.after_point(False)
                 return False
             self._deliver(time_ns, data, ps)
@@ -434,6 +439,8 @@ class Engine:
                 landmark_digest=landmark[1] if landmark else 0, check=check))
             self.points += 1
             self.sink.maybe_flush(self.position)
+            if self.before_injection is not None:
+                self.before_injection(landmark is not None)
             self.after_point(landmark is not None)
             return True
         p = recorded if recorded is not None else self.source.point_at(self.position)
@@ -699,6 +706,13 @@ class ExactEngine(Engine):
             ps = min(self.nominal_ps * 4, max(self.nominal_ps // 4, ps))
         self._rate_icount, self._rate_host = self.ctl.icount, now
         return self.clock.now_ns(), ps
+
+    def prepare_recording(self) -> None:
+        now = host_monotonic_ns()
+        self._rate_icount, self._rate_host = self.ctl.icount, now
+        self._busy_host_ns = self._busy_instructions = 0
+        self._idle_from = None
+        self._next_sync_ns = self.clock.now_ns()
 
     def idle_now_ns(self) -> int:
         start_ns, start_host = self._idle_from

@@ -248,6 +248,25 @@ class RecordingOutput:
             self.stopped = True
             raise QuotaReached()
 
+    def finish(self, outcome: Outcome, started: int, machine: Machine, extra: Optional[dict] = None) -> dict:
+        """End the recording here: END event, summary, index; returns the summary."""
+        self.stopped = True
+        engine, sink = self.engine, self.sink
+        sink.emit(ev.End(outcome.position, outcome.reason, outcome.status, outcome.detail[:4000]))
+        sink.flush(outcome.position)
+        summary = {
+            "reason": outcome.reason, "status": outcome.status, "end_position": outcome.position,
+            "guest_ns": outcome.guest_ns, "unit": engine.unit, "markers": engine.markers.count,
+            "exits": machine.exits, "events": dict(sink.counts),
+            "host_seconds": (host_monotonic_ns() - started) / 1e9,
+            "landmarks": getattr(engine, "landmarks", 0),
+            "delayed_deliveries": getattr(engine, "delayed", 0),
+        }
+        summary.update(self.summary_extra())
+        summary.update(extra or {})
+        self.writer.finish(summary)
+        return summary
+
     def summary_extra(self) -> dict:
         first = self.first_meta or {"position": 0, "guest_ns": 0}
         serial_bytes, serial_sha = self.out.from_position(first["position"])
@@ -279,6 +298,14 @@ def _guest_string(machine: Machine, vaddr: int, limit: int = 64) -> str:
         return ""
     text = out.split(b"\0", 1)[0][:limit].decode("utf-8", "replace")
     return "".join(c if c.isprintable() and not c.isspace() else "_" for c in text)
+
+
+def install_replay_hypercalls(machine: Machine, rec: Recording) -> None:
+    """Replay: hypercalls answer what they answered while recording."""
+    from vmm.devices.hypercall import HC_RECORD_START, HC_RECORD_STOP
+    if rec.config.get("guest_controlled"):
+        machine.hypercalls.handlers[HC_RECORD_START] = lambda regs: 0
+        machine.hypercalls.handlers[HC_RECORD_STOP] = lambda regs: 0
 
 
 def install_marker_hypercall(machine: Machine, engine: Engine) -> None:
@@ -330,7 +357,6 @@ def record(kernel_path: str, out_path: str, mode: str, *, mem_size: int, cmdline
     out = SerialHashes(serial_out if serial_out is not None else sys.stdout.buffer)
     started = host_monotonic_ns()
     machine = None
-    message = ""
     output = RecordingOutput(writer, engine, sink, out, quota=quota, rolling_ns=rolling_ns, warn=warn)
     try:
         machine = Machine(image, mem_size, cmdline, serial_in=serial_in, serial_out=out, warn=warn,
@@ -339,49 +365,301 @@ def record(kernel_path: str, out_path: str, mode: str, *, mem_size: int, cmdline
         install_marker_hypercall(machine, engine)
         engine.marker_sink = output.on_marker
         output.start(*engine.initial_marker())
-        if timeout is not None:
-            engine.end_host_ns = host_monotonic_ns() + int(timeout * 1e9)
-        previous_usr1 = _on_marker_signal(engine)
-        key_reader = _marker_keys(keys, engine, warn)
-        try:
-            outcome = engine.run()
-        except MachineError as e:
-            reason = _REASON_OF.get(type(e), "crash")
-            message = str(e) if reason != "timeout" else _timeout_message(machine, engine, timeout)
-            outcome = Outcome(reason, e.exit_code, engine.position, engine.guest_now(), message)
-        except QuotaReached:
-            message = (f"the recording reached --quota {quota} bytes at "
-                       f"{place(engine.unit, engine.position)} and stopped there (use --rolling to "
-                       "keep the latest part instead)")
-            outcome = Outcome("quota", EXIT_QUOTA, engine.position, engine.guest_now(), message)
-        except KeyboardInterrupt:
-            outcome = Outcome("interrupted", EXIT_INTERRUPTED, engine.position, engine.guest_now(),
-                              "the recording was stopped with Ctrl-C")
-        finally:
-            signal.signal(signal.SIGUSR1, previous_usr1)
-            if key_reader is not None:
-                key_reader.close()
-        output.stopped = True
-        writer = output.writer
-        sink.emit(ev.End(outcome.position, outcome.reason, outcome.status, outcome.detail[:4000]))
-        sink.flush(outcome.position)
-        summary = {
-            "reason": outcome.reason, "status": outcome.status, "end_position": outcome.position,
-            "guest_ns": outcome.guest_ns, "unit": engine.unit, "markers": engine.markers.count,
-            "exits": machine.exits, "events": dict(sink.counts),
-            "host_seconds": (host_monotonic_ns() - started) / 1e9,
-            "landmarks": getattr(engine, "landmarks", 0),
-            "delayed_deliveries": getattr(engine, "delayed", 0),
-        }
-        summary.update(output.summary_extra())
-        writer.finish(summary)
-        return RecordResult(outcome, mode, out_path, engine.markers.count,
-                            summary["host_seconds"], writer.bytes_written, writer.raw_bytes,
-                            dict(sink.counts), message, summary.get("rolling"))
+        return _run_recording(engine, machine, lambda: output, started, timeout=timeout, quota=quota,
+                              keys=keys, warn=warn)
     finally:
         output.writer.close()
         if machine is not None:
             machine.close()
+
+
+def _run_recording(engine: Engine, machine: Machine, output_of: Callable[[], "RecordingOutput"],
+                   started: int, *, timeout: Optional[float], quota: Optional[int],
+                   keys: Optional[BinaryIO], warn: Callable[[str], None]) -> RecordResult:
+    """Run a recording engine to the end of the run and finish the file it records to then."""
+    message = ""
+    if timeout is not None:
+        engine.end_host_ns = host_monotonic_ns() + int(timeout * 1e9)
+    previous_usr1 = _on_marker_signal(engine)
+    key_reader = _marker_keys(keys, engine, warn)
+    try:
+        outcome = engine.run()
+    except MachineError as e:
+        reason = _REASON_OF.get(type(e), "crash")
+        message = str(e) if reason != "timeout" else _timeout_message(machine, engine, timeout)
+        outcome = Outcome(reason, e.exit_code, engine.position, engine.guest_now(), message)
+    except QuotaReached:
+        message = (f"the recording reached --quota {quota} bytes at "
+                   f"{place(engine.unit, engine.position)} and stopped there (use --rolling to "
+                   "keep the latest part instead)")
+        outcome = Outcome("quota", EXIT_QUOTA, engine.position, engine.guest_now(), message)
+    except KeyboardInterrupt:
+        outcome = Outcome("interrupted", EXIT_INTERRUPTED, engine.position, engine.guest_now(),
+                          "the recording was stopped with Ctrl-C")
+    finally:
+        signal.signal(signal.SIGUSR1, previous_usr1)
+        if key_reader is not None:
+            key_reader.close()
+    output = output_of()
+    summary = output.finish(outcome, started, machine)
+    writer = output.writer
+    return RecordResult(outcome, engine.mode, writer.path, engine.markers.count,
+                        summary["host_seconds"], writer.bytes_written, writer.raw_bytes,
+                        dict(output.sink.counts), message, summary.get("rolling"))
+
+
+def seek(engine: Engine, rec: Recording, source: LogSource, position: int) -> int:
+    """Replay: restore the last recorded marker at or before ``position``; returns its index.
+
+    Memory comes from the page sets of markers 0..k, the rest of the state
+    from marker k; the log resumes after the point that carries marker k.
+    """
+    k = 0
+    for i, m in enumerate(rec.markers):
+        if m.meta["position"] <= position:
+            k = i
+    if k == 0:
+        return 0
+    try:
+        states = [decode_marker(rec.payload(rec.markers[i])) for i in range(k + 1)]
+    except MarkerError as e:
+        raise ReplayError(f"{rec.path}: a marker before position {position} is unusable: {e}") from None
+    engine.restore(states[k], [st.pages for st in states[:k]])
+    while True:
+        e = source.peek()
+        if e is None:
+            raise ReplayError(f"{rec.path}: marker m{k} has no point in the log after it")
+        source.pop()
+        if isinstance(e, ev.Point) and e.marker == k:
+            engine.resume("after_landmark" if e.landmark is not None else "after_point")
+            return k
+
+
+def resolve_position(rec: Recording, text: str, what: str) -> int:
+    """A position from the user: a number, mN, a marker's name or a label."""
+    t = text.strip()
+    if t.isdigit():
+        return int(t)
+    if t[:1] in "mM" and t[1:].isdigit():
+        i = int(t[1:])
+        if i < len(rec.markers):
+            return rec.markers[i].meta["position"]
+    for m in rec.markers:
+        if m.meta.get("name") == t:
+            return m.meta["position"]
+    for x in rec.labels:
+        if x["name"] == t:
+            return x["position"]
+    raise ReplayError(f"{what} {text!r}: not a position (a number), a marker (m0..m{len(rec.markers) - 1}) "
+                      "or a marker or label name of this recording (`rrstub info` lists them)")
+
+
+def go_live(path: str, at: str, *, out_path: Optional[str] = None, serial_in: Optional[BinaryIO] = None,
+            serial_out: Optional[BinaryIO] = None, timeout: Optional[float] = None,
+            kernel_check: Optional[str] = None, keys: Optional[BinaryIO] = None,
+            warn: Callable[[str], None] = lambda m: None) -> RecordResult:
+    """Replay ``path`` to ``at``, then run on live from that exact state.
+
+    With ``out_path`` the live run is recorded as a branch: a recording that
+    starts with a full marker of the state at the branch point and names
+    ``path`` as its parent.  Without it, the run is recorded to a scratch
+    file that is deleted at the end (the recorder is what runs the guest).
+    """
+    import tempfile
+    from rrstub.edit import recording_id
+    rec = Recording.open(path)
+    machine = None
+    scratch = None
+    try:
+        if rec.recovered:
+            warn(rec.recovery_note)
+        rec.verify()
+        config = rec.config
+        mode = config.get("mode")
+        if mode not in ENGINES:
+            raise ReplayError(f"{path}: unknown recording mode {mode!r}")
+        position = resolve_position(rec, at, "--go-live")
+        source = LogSource(rec)
+        image = open_kernel(rec, kernel_check)
+        kw = {"ps_per_instr": config["ps_per_instr"]} if mode == "exact" else {}
+        engine = ENGINES[mode](source=source, marker_every_ns=config["marker_every_ns"], until=position, **kw)
+        out = SerialHashes(serial_out if serial_out is not None else sys.stdout.buffer)
+        machine = Machine(image, config["mem_size"], config["cmdline"], serial_out=out, warn=warn,
+                          clock=engine.clock, rtc_epoch_ns=config["rtc_epoch_ns"], dirty_log=True)
+        engine.attach(machine)
+        install_replay_hypercalls(machine, rec)
+        initial = decode_marker(rec.payload(rec.markers[0]))
+        engine.restore(initial)
+        engine.resume(rec.markers[0].meta.get("resume"))
+        seek(engine, rec, source, position)
+        outcome = engine.run()
+        if outcome.reason != "until":
+            raise ReplayError(f"--go-live {at}: the replay ended ({outcome.reason}) at "
+                              f"{place(engine.unit, outcome.position)}, before reaching {position}; "
+                              f"{path} covers positions up to {source.stop_position}")
+        warn(f"live from {place(engine.unit, position)} ({engine.guest_now() / 1e9:.6f} s of guest time): "
+             + (f"recording the branch to {out_path}" if out_path else "not recorded (give -o to keep it)"))
+        if out_path is None:
+            fd, scratch = tempfile.mkstemp(prefix="rrstub-live-", suffix=".rrr")
+            os.close(fd)
+        branch_config = dict(config)
+        branch_config.update(new_config(mode, f"branch of {os.path.basename(path)}", config["mem_size"],
+                                        config["cmdline"], config["rtc_epoch_ns"], config["ps_per_instr"],
+                                        config["marker_every_ns"], serial_in is not None))
+        branch_config["parent"] = {"id": recording_id(rec), "file": os.path.abspath(path),
+                                   "position": position, "at": at, "guest_ns": engine.guest_now()}
+        writer = RecordingWriter(out_path or scratch, branch_config, rec.kernel_name, rec.kernel_bytes())
+        sink = LogSink(writer)
+        output = RecordingOutput(writer, engine, sink, out, warn=warn)
+        if serial_in is not None:
+            machine.attach_serial_in(serial_in)
+        engine.start_recording(sink, output.on_marker)
+        install_marker_hypercall(machine, engine)
+        out.since.clear()
+        output.start(*engine.initial_marker(origin="branch"))
+        try:
+            return _run_recording(engine, machine, lambda: output, host_monotonic_ns(), timeout=timeout,
+                                  quota=None, keys=keys, warn=warn)
+        finally:
+            output.writer.close()
+    finally:
+        if machine is not None:
+            machine.close()
+        rec.close()
+        if scratch is not None:
+            try:
+                os.unlink(scratch)
+            except OSError:
+                pass
+
+
+class GuestControl:
+    """`rrstub run --allow-guest-record -o REC`: the guest starts and stops recording.
+
+    The run goes under a recording engine from the start (so that it can
+    record from any point), writing to a scratch file until the guest calls
+    HC_RECORD_START.  Then, at the next point, after that point's deliveries
+    and before its interrupt injection, REC starts with a full marker of the
+    machine; HC_RECORD_STOP ends it the same way, at its next point.  One
+    recording per run: later starts are refused (HC_DENIED) with a warning.
+    """
+
+    def __init__(self, engine: Engine, machine: Machine, out: SerialHashes, path: str, config: dict,
+                 kernel_name: str, kernel_bytes: bytes, scratch: "RecordingOutput",
+                 warn: Callable[[str], None]):
+        from vmm.devices.hypercall import HC_RECORD_START, HC_RECORD_STOP
+        self.engine, self.machine, self.out = engine, machine, out
+        self.path, self.config = path, config
+        self.kernel = (kernel_name, kernel_bytes)
+        self.output = scratch
+        self.scratch = scratch
+        self.warn = warn
+        self.state = "waiting"        # waiting -> starting -> recording -> stopping -> done
+        self.summary: Optional[dict] = None
+        self.started = host_monotonic_ns()
+        machine.hypercalls.handlers[HC_RECORD_START] = self._start
+        machine.hypercalls.handlers[HC_RECORD_STOP] = self._stop
+        engine.before_injection = self._switch
+
+    def _start(self, regs) -> int:
+        from vmm.devices.hypercall import HC_DENIED
+        if self.state in ("starting", "recording"):
+            return 0
+        if self.state != "waiting":
+            self.warn("the guest asked to record again: one recording per run; refused (HC_DENIED)")
+            return HC_DENIED
+        self.state = "starting"
+        return 0
+
+    def _stop(self, regs) -> int:
+        if self.state == "starting":
+            self.state = "waiting"
+        elif self.state == "recording":
+            self.state = "stopping"
+        return 0
+
+    def _switch(self, landmark: bool) -> None:
+        e = self.engine
+        if self.state == "starting":
+            writer = RecordingWriter(self.path, self.config, *self.kernel)
+            sink = LogSink(writer)
+            self.output = RecordingOutput(writer, e, sink, self.out, warn=self.warn)
+            e.sink = sink
+            e.marker_sink = self.output.on_marker
+            self.out.since.clear()
+            self.output.start(*e.initial_marker("guest-start", "after_landmark" if landmark else "after_point"))
+            self.started = host_monotonic_ns()
+            self.state = "recording"
+            self.warn(f"the guest started recording at {place(e.unit, e.position)}: {self.path}")
+        elif self.state == "stopping":
+            outcome = Outcome("stopped", 0, e.position, e.guest_now(), "the guest stopped recording")
+            self.summary = self.output.finish(outcome, self.started, self.machine)
+            self.warn(f"the guest stopped recording at {place(e.unit, e.position)}: {self.path} "
+                      f"({self.output.writer.bytes_written} bytes)")
+            e.sink = self.scratch.sink
+            e.marker_sink = self.scratch.on_marker
+            self.output = self.scratch
+            self.state = "done"
+
+
+def run_guest_controlled(kernel_path: str, out_path: str, mode: str, *, mem_size: int, cmdline: str = "",
+                         serial_in: Optional[BinaryIO] = None, serial_out: Optional[BinaryIO] = None,
+                         timeout: Optional[float] = None, marker_every_ns: int = DEFAULT_MARKER_EVERY_NS,
+                         mode_reason: str = "", nominal_ps: int = NOMINAL_PS_PER_INSTR,
+                         cpl3_landmarks: bool = False,
+                         warn: Callable[[str], None] = lambda m: None) -> tuple[Outcome, Optional[dict]]:
+    """Run a kernel live; the guest decides what part of the run ``out_path`` records.
+
+    Returns how the run ended and the recording's summary (None if the guest
+    never started recording; a recording still on at the end is finished
+    with the run's end).
+    """
+    import tempfile
+    image = boot.load_kernel_file(kernel_path)
+    kernel_bytes = Path(kernel_path).read_bytes()
+    epoch = time.time_ns()
+    config = new_config(mode, mode_reason, mem_size, cmdline, epoch, nominal_ps, marker_every_ns,
+                        serial_in is not None)
+    config["guest_controlled"] = True
+    fd, scratch_path = tempfile.mkstemp(prefix="rrstub-run-", suffix=".rrr")
+    os.close(fd)
+    writer = RecordingWriter(scratch_path, config, os.path.basename(kernel_path), kernel_bytes)
+    sink = LogSink(writer)
+    kw = {"ps_per_instr": nominal_ps} if mode == "exact" else {"cpl3_landmarks": cpl3_landmarks}
+    engine = ENGINES[mode](sink=sink, marker_every_ns=marker_every_ns, **kw)
+    out = SerialHashes(serial_out if serial_out is not None else sys.stdout.buffer)
+    machine = None
+    scratch = RecordingOutput(writer, engine, sink, out, warn=lambda m: None)
+    control = None
+    try:
+        machine = Machine(image, mem_size, cmdline, serial_in=serial_in, serial_out=out, warn=warn,
+                          clock=engine.clock, rtc_epoch_ns=epoch, dirty_log=True)
+        engine.attach(machine)
+        install_marker_hypercall(machine, engine)
+        engine.marker_sink = scratch.on_marker
+        scratch.start(*engine.initial_marker())
+        control = GuestControl(engine, machine, out, out_path, config, os.path.basename(kernel_path),
+                               kernel_bytes, scratch, warn)
+        result = _run_recording(engine, machine, lambda: control.output, control.started, timeout=timeout,
+                                quota=None, keys=None, warn=warn)
+        if control.output is not scratch:       # still recording when the run ended
+            control.summary = _summary_of(control.output.writer.path)
+        return result.outcome, control.summary
+    finally:
+        if control is not None and control.output is not scratch:
+            control.output.writer.close()
+        scratch.writer.close()
+        if machine is not None:
+            machine.close()
+        try:
+            os.unlink(scratch_path)
+        except OSError:
+            pass
+
+
+def _summary_of(path: str) -> Optional[dict]:
+    with Recording.open(path) as rec:
+        return rec.summary
 
 
 def _marker_keys(keys: Optional[BinaryIO], engine: Engine, warn: Callable[[str], None]):
@@ -489,6 +767,7 @@ def replay(path: str, *, until: Optional[int] = None, speed: Optional[float] = N
                           clock=engine.clock, rtc_epoch_ns=config["rtc_epoch_ns"], dirty_log=True)
         try:
             engine.attach(machine)
+            install_replay_hypercalls(machine, rec)
             if vassert is not None:
                 vassert.install(engine)
             try:

@@ -274,6 +274,12 @@ class Machine:
         if serial_in is not None:
             self.serial_in = SerialInput(serial_in, self._wake, self.vcpu.kick)
 
+    def attach_serial_in(self, stream: BinaryIO) -> None:
+        """Start feeding the UART from ``stream`` (a replay that goes live)."""
+        if self.serial_in is not None:
+            self.serial_in.close()
+        self.serial_in = SerialInput(stream, self._wake, self.vcpu.kick)
+
     # -- device state (markers) --------------------------------------------
     def device_states(self) -> dict:
         """Every device's state, by name: the device half of a marker."""

@@ -252,7 +252,7 @@ class Timeline:
 
     def __init__(self, path: str, *, kernel_check: Optional[str] = None,
                  serial_out: Optional[BinaryIO] = None, warn: Callable[[str], None] = lambda m: None):
-        from rrstub.session import ReplayError, open_kernel
+        from rrstub.session import ReplayError, install_replay_hypercalls, open_kernel
         self.rec = rec = Recording.open(path)
         self.machine: Optional[Machine] = None
         try:
@@ -277,6 +277,7 @@ class Timeline:
                                    serial_out=_MuteBelow(serial_out, self), warn=warn,
                                    clock=self.engine.clock, rtc_epoch_ns=config["rtc_epoch_ns"], dirty_log=True)
             self.engine.attach(self.machine)
+            install_replay_hypercalls(self.machine, rec)
             self.engine.on_boundary = self._boundary
             self.tracker = self.engine.markers.tracker
             self.pages = PageHistory()
