@@ -551,10 +551,15 @@ def _parse_until(text: Optional[str], rec) -> Optional[int]:
         if index >= len(rec.markers):
             raise ValueError(f"--until {text}: the recording has markers m0..m{len(rec.markers) - 1}")
         return rec.markers[index].meta["position"]
+    named = [m.meta["position"] for m in rec.markers if m.meta.get("name") == t]
+    named += [x["position"] for x in rec.labels if x["name"] == t]
+    if named:
+        return named[0]
     try:
         value = int(t, 0)
     except ValueError:
-        raise ValueError(f"--until {text!r}: give a position (a number) or a marker (m0, m1, ...)") from None
+        raise ValueError(f"--until {text!r}: give a position (a number), a marker (m0, m1, ...) or a "
+                         "marker or label name (`rrstub info` lists them)") from None
     if value < 0:
         raise ValueError(f"--until {text!r}: positions start at 0")
     return value

@@ -32,7 +32,8 @@ def describe(path: str, verify: bool = False) -> dict:
         last = max((ch.meta.get("last", 0) for ch in rec.event_chunks), default=0)
         markers = [{"index": m.meta["index"], "position": m.meta["position"],
                     "guest_s": m.meta.get("guest_ns", 0) / 1e9, "full": m.meta.get("full", False),
-                    "pages": m.meta.get("pages"), "stored_bytes": m.stored_size} for m in rec.markers]
+                    "pages": m.meta.get("pages"), "stored_bytes": m.stored_size,
+                    "name": m.meta.get("name"), "origin": m.meta.get("origin", "")} for m in rec.markers]
         mode = c.get("mode", "?")
         return {
             "file": path, "format_version": rec.version, "file_bytes": rec.file_size,
@@ -48,7 +49,10 @@ def describe(path: str, verify: bool = False) -> dict:
                      "landmarks": summary.get("landmarks"), "exits": summary.get("exits")}
                     if summary else None),
             "last_position": summary["end_position"] if summary else last,
-            "markers": markers, "events": counts, "sizes": sizes,
+            "markers": markers, "labels": rec.labels, "events": counts, "sizes": sizes,
+            "id": c.get("id"), "parent": c.get("parent"), "derived": c.get("derived"),
+            "rolling": (summary or {}).get("rolling") or c.get("rolling"),
+            "guest_controlled": bool(c.get("guest_controlled")),
             "raw_bytes": sum(s["raw"] for s in sizes.values()),
         }
 
@@ -74,11 +78,32 @@ def format_info(i: dict) -> str:
     m = i["machine"]
     lines.append(f"  machine: {m['mem_bytes'] // (1 << 20) if m['mem_bytes'] else '?'} MiB RAM, "
                  f"cmdline {m['cmdline']!r}, serial input {'recorded' if rec['serial_input'] else 'none'}")
+    if i.get("id"):
+        lines.append(f"  id: {i['id']}")
+    p = i.get("parent")
+    if p:
+        lines.append(f"  branch of {p.get('file')} (id {p.get('id')}) at {place(i['unit'][:-1], p.get('position', 0))} "
+                     f"(--go-live {p.get('at')}), {p.get('guest_ns', 0) / 1e9:.6f} s of guest time")
+    d = i.get("derived")
+    if d:
+        what = {"crop": "cropped from"}.get(d.get("how"), f"{d.get('how')} of")
+        to = f" to m{d['to_marker']}" if "to_marker" in d else ""
+        lines.append(f"  {what} {d.get('from_file')} (id {d.get('from_id')}) from m{d.get('from_marker')}{to} "
+                     f"at {place(i['unit'][:-1], d.get('position', 0))}")
+    r = i.get("rolling")
+    if r:
+        window = f"the last {r['window_s']:g} s of guest time" if r.get("window_s") else "what fits"
+        quota = f", quota {r['quota']} bytes" if r.get("quota") else ""
+        lines.append(f"  rolling: keeps {window}{quota}; restarted {r.get('rebases', 0)} times, "
+                     f"now from {place(i['unit'][:-1], r.get('kept_from_position', r.get('dropped_to_position', 0)))}")
+    if i.get("guest_controlled"):
+        lines.append("  recording started and stopped by the guest (rrstub run --allow-guest-record)")
     e = i["end"]
     if e:
         lines.append(f"  ended: {e['reason']} (status {e['status']}) at {place(i['unit'][:-1], e['position'])}, "
                      f"{e['guest_s']:.6f} s of guest time, recorded in {e['host_s']:.2f} s")
-        extra = [f"{e['serial_bytes']} serial bytes out"]
+        extra = [f"{e['serial_bytes']} serial bytes out" if e["serial_bytes"] is not None
+                 else "serial output not hashed (a crop)"]
         if i["mode"] == "fast":
             extra.append(f"{e['landmarks']} landmarks")
         lines.append("         " + ", ".join(extra))
@@ -87,8 +112,14 @@ def format_info(i: dict) -> str:
     lines.append(f"  markers: {len(i['markers'])}")
     for mk in i["markers"]:
         kind = "full" if mk["full"] else f"{mk['pages']} pages"
+        named = f"  {mk['name']}" if mk.get("name") else ""
+        origin = f" [{mk['origin']}]" if mk.get("origin") and mk.get("origin") != "auto" else ""
         lines.append(f"    m{mk['index']:<3} at {place(i['unit'][:-1], mk['position']):<18} guest {mk['guest_s']:.6f} s  "
-                     f"{kind}, {mk['stored_bytes']} bytes")
+                     f"{kind}, {mk['stored_bytes']} bytes{named}{origin}")
+    if i.get("labels"):
+        lines.append(f"  labels (positions named during replay, no snapshot): {len(i['labels'])}")
+        for x in i["labels"]:
+            lines.append(f"    {x['name']:<16} at {place(i['unit'][:-1], x['position'])}")
     lines.append("  events: " + (", ".join(f"{k} {v}" for k, v in sorted(i["events"].items())) or "none"))
     lines.append("  sizes (raw -> stored):")
     for kind, s in i["sizes"].items():

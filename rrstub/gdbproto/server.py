@@ -290,14 +290,22 @@ class Session:
             if _position_word(words[2]) is not None:
                 raise TimelineError(f"marker name {words[2]!r} looks like a position; use a name with a letter")
             cp = t.add_marker(words[2])
-            return f"marker {words[2]} at instruction {cp.position}\n"
+            from rrstub.edit import EditError, add_label
+            from rrstub.recording import RecordingError
+            try:
+                add_label(t.rec.path, words[2], cp.position)
+                kept = f"saved in {t.rec.path} (`rrstub info` lists it; --until/--go-live take it)"
+            except (EditError, RecordingError, OSError) as e:
+                kept = f"kept for this session only: {e}"
+            return f"marker {words[2]} at instruction {cp.position}: {kept}\n"
         if len(words) == 2 and words[0] == "goto":
             position = _position_word(words[1])
             if position is None:
                 cp = t.named(words[1])
-                if cp is None:
+                label = next((x for x in t.rec.labels if x["name"] == words[1]), None)
+                if cp is None and label is None:
                     raise TimelineError(f"no marker named {words[1]!r}: `monitor markers` lists them")
-                position = cp.position
+                position = cp.position if cp is not None else label["position"]
             t.goto(position)
             self.last_stop = C.Stop(SIGTRAP, (), THREAD)
             return (f"at instruction {t.position}; run `maint flush register-cache` (or `flushregs`) "
