@@ -284,7 +284,8 @@ class Timeline:
             self.checkpoints: dict[int, Checkpoint] = {}
             self._positions: list[int] = []
             self._load_recorded_markers()
-            self._restore(self.checkpoints[0], initial=True)
+            self.first = self._positions[0]     # 0, or where a crop or branch starts
+            self._restore(self.checkpoints[self.first], initial=True)
         except BaseException:
             self.close()
             raise
@@ -541,8 +542,8 @@ class Timeline:
         return self._end_stop(out)
 
     def reverse_step(self) -> Stop:
-        if self.position == 0:
-            return Stop("begin", 0, detail="start of the recording")
+        if self.position <= self.first:
+            return Stop("begin", self.position, detail="start of the recording")
         self._seek(self.position - 1)
         return Stop("step", self.position)
 
@@ -565,7 +566,7 @@ class Timeline:
         finally:
             self._poll = lambda: False
         self._seek(0)
-        return Stop("begin", 0, detail="start of the recording")
+        return Stop("begin", self.first, detail="start of the recording")
 
     def _scan(self, hi: int) -> list[tuple[int, Stop]]:
         """Replay from here to ``hi``; every breakpoint and watchpoint hit on the way, in order."""
@@ -598,8 +599,8 @@ class Timeline:
             hits.append((pos, _watch_stop(pos, w)))
 
     def goto(self, position: int) -> Stop:
-        if not 0 <= position <= self.last:
-            raise TimelineError(f"instruction {position} is outside the recording (0..{self.last})")
+        if not self.first <= position <= self.last:
+            raise TimelineError(f"instruction {position} is outside the recording ({self.first}..{self.last})")
         self._seek(position)
         return Stop("step", self.position)
 

@@ -1,0 +1,205 @@
+"""Everything around a recording, on real recordings of the example kernels: crop, quota and
+rolling recording, going live into branches, guest-controlled recording, named markers, labels."""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+from conftest import rrstub
+from rrstub.edit import add_label
+from rrstub.recording import Recording
+from rrstub.replay.timeline import Timeline
+
+pytestmark = [pytest.mark.kvm, pytest.mark.timeout(180)]
+
+RACE = ("--mode", "exact", "--mem", "4M", "--cmdline", "increments=2000", "--timeout", "60")
+
+
+@pytest.fixture(scope="module")
+def race(kernels, tmp_path_factory):
+    """race, exact, a marker every 10 ms of guest time (about 14)."""
+    path = tmp_path_factory.mktemp("workflow") / "race.rrr"
+    r = rrstub("record", str(kernels / "race.elf"), "-o", str(path), *RACE, "--marker-every", "0.01",
+               timeout=120)
+    assert r.returncode == 1, r.stderr
+    return path, r.stdout
+
+
+def info(path) -> dict:
+    r = rrstub("info", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def replays(path, *args) -> tuple[int, bytes, str]:
+    r = rrstub("replay", str(path), *args, timeout=120)
+    assert "matched the recording" in r.stderr.decode(), r.stderr
+    return r.returncode, r.stdout, r.stderr.decode()
+
+
+def test_crop_between_markers_replays_and_verifies(race, tmp_path):
+    path, _ = race
+    out = tmp_path / "part.rrr"
+    r = rrstub("crop", str(path), "--from", "m3", "--to", "m9", "-o", str(out), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert b"verified" in r.stderr
+    original, part = info(path), info(out)
+    assert part["markers"][0]["position"] == original["markers"][3]["position"]
+    assert part["markers"][0]["full"] and len(part["markers"]) == 7
+    assert part["end"]["position"] == original["markers"][9]["position"]
+    assert part["derived"]["from_id"] == original["id"] and part["derived"]["from_marker"] == 3
+    assert part["file_bytes"] < original["file_bytes"]
+    status, _, _ = replays(out)
+    assert status == 0
+    # The crop is self-contained: the timeline serves it and moves inside it.
+    with Timeline(str(out)) as t:
+        middle = (part["markers"][0]["position"] + part["end"]["position"]) // 2
+        t.goto(middle)
+        assert t.position == middle
+
+
+def test_crop_refuses_bad_markers_naming_them(race, tmp_path):
+    path, _ = race
+    r = rrstub("crop", str(path), "--from", "m5", "--to", "m2", "-o", str(tmp_path / "x.rrr"))
+    assert r.returncode == 2 and b"is not after --from" in r.stderr
+    r = rrstub("crop", str(path), "--from", "nosuch", "--to", "m2", "-o", str(tmp_path / "x.rrr"))
+    assert r.returncode == 2 and b"no such marker" in r.stderr and b"m0" in r.stderr
+    assert not (tmp_path / "x.rrr").exists()
+
+
+def test_rolling_keeps_the_last_window_and_replays(kernels, tmp_path):
+    out = tmp_path / "roll.rrr"
+    r = rrstub("record", str(kernels / "race.elf"), "-o", str(out), *RACE, "--rolling", "0.03", timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert b"rolling: dropped guest time" in r.stderr
+    i = info(out)
+    assert i["markers"][0]["full"] and i["markers"][0]["position"] > 0
+    first_s = i["markers"][0]["guest_s"]
+    assert 0.03 <= i["end"]["guest_s"] - first_s <= 0.03 * 1.5 + 0.01
+    assert i["rolling"]["rebases"] >= 2
+    status, stdout, _ = replays(out)
+    assert status == 1 and b"race: counter=" in stdout
+
+
+def test_quota_stops_recording_within_one_chunk(kernels, tmp_path):
+    out = tmp_path / "q.rrr"
+    quota = 100 * 1024
+    r = rrstub("record", str(kernels / "race.elf"), "-o", str(out), *RACE, "--marker-every", "0.001",
+               "--quota", "100K", timeout=120)
+    assert r.returncode == 75, r.stderr
+    assert b"reached --quota" in r.stderr
+    with Recording.open(out) as rec:
+        biggest = max(c.stored_size for c in rec.chunks)
+    assert quota // 2 < os.path.getsize(out) <= quota + biggest
+    status, _, _ = replays(out)
+    assert status == 75
+
+
+def test_rolling_with_quota_drops_the_oldest_part(kernels, tmp_path):
+    out = tmp_path / "rq.rrr"
+    quota = 100 * 1024
+    r = rrstub("record", str(kernels / "race.elf"), "-o", str(out), *RACE, "--marker-every", "0.001",
+               "--quota", "100K", "--rolling", "10", timeout=120)
+    assert r.returncode == 1, r.stderr          # the guest's own end: nothing stopped it
+    assert b"neared --quota" in r.stderr
+    with Recording.open(out) as rec:
+        biggest = max(c.stored_size for c in rec.chunks)
+        assert rec.markers[0].meta["position"] > 0
+    assert os.path.getsize(out) <= quota + biggest
+    status, stdout, _ = replays(out)
+    assert status == 1 and b"race: counter=" in stdout
+
+
+def test_go_live_from_a_marker_records_a_branch_that_replays(race, tmp_path):
+    path, _ = race
+    branch = tmp_path / "branch.rrr"
+    r = rrstub("replay", str(path), "--go-live", "m5", "-o", str(branch), timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert b"race: counter=" in r.stdout and b"live from instruction" in r.stderr
+    parent, child = info(path), info(branch)
+    assert child["parent"]["id"] == parent["id"]
+    assert child["parent"]["position"] == parent["markers"][5]["position"]
+    assert child["markers"][0]["origin"] == "branch" and child["markers"][0]["full"]
+    status, stdout, _ = replays(branch)
+    assert status == 1 and stdout == r.stdout       # the same live run, replayed on its own
+
+
+def test_go_live_between_markers_and_without_keeping(race, tmp_path):
+    path, _ = race
+    branch = tmp_path / "b2.rrr"
+    r = rrstub("replay", str(path), "--go-live", "100001", "-o", str(branch), timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert info(branch)["parent"]["position"] == 100001
+    replays(branch)
+    r = rrstub("replay", str(path), "--go-live", "m2", timeout=120)
+    assert r.returncode == 1 and b"not recorded" in r.stderr
+    r = rrstub("replay", str(path), "--go-live", "99999999", "-o", str(tmp_path / "b3.rrr"))
+    assert r.returncode == 2 and b"before reaching 99999999" in r.stderr
+
+
+def test_go_live_from_a_fast_recording(kernels, tmp_path):
+    rec, branch = tmp_path / "fast.rrr", tmp_path / "fb.rrr"
+    r = rrstub("record", str(kernels / "race.elf"), "-o", str(rec), "--mode", "fast", "--marker-every",
+               "0.1", "--cmdline", "increments=3000", "--timeout", "60", timeout=120)
+    assert r.returncode == 1, r.stderr
+    r = rrstub("replay", str(rec), "--go-live", "m2", "-o", str(branch), timeout=120)
+    assert r.returncode == 1, r.stderr
+    replays(branch)
+
+
+def test_guest_started_recording_replays(kernels, tmp_path):
+    out = tmp_path / "g.rrr"
+    r = rrstub("run", str(kernels / "ticks.elf"), "--allow-guest-record", "-o", str(out), "--mode", "exact",
+               "--cmdline", "guest_record=1 work=30000", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert b"the guest started recording" in r.stderr and b"the guest stopped recording" in r.stderr
+    i = info(out)
+    assert i["guest_controlled"]
+    m0, m1 = i["markers"][:2]
+    assert m0["origin"] == "guest-start" and m0["position"] > 100000      # a third of the work ran before
+    assert m1["origin"] == "hypercall" and m1["name"] == "recorded-work"
+    assert i["end"]["reason"] == "stopped"
+    status, stdout, stderr = replays(out)
+    assert status == 0 and re.match(rb"ticks: recorded part ends at tick \d+ \(start: recording\)\n$", stdout)
+    assert "HC_DENIED" not in stderr
+
+
+def test_guest_record_needs_permission(kernels, tmp_path):
+    r = rrstub("run", str(kernels / "ticks.elf"), "--cmdline", "guest_record=1 work=3000", timeout=60)
+    assert r.returncode == 0
+    assert b"start: refused" in r.stdout and b"--allow-guest-record" in r.stderr
+    r = rrstub("run", str(kernels / "ticks.elf"), "-o", str(tmp_path / "x.rrr"))
+    assert r.returncode == 2 and b"go together" in r.stderr
+
+
+def test_signal_markers_are_named(kernels, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "s.rrr"
+    proc = subprocess.Popen([sys.executable, "-m", "rrstub", "record", str(kernels / "ticks.elf"), "-o",
+                             str(out), "--mode", "exact", "--cmdline", "work=400000", "--timeout", "60"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    names = [m["name"] for m in info(out)["markers"]]
+    assert "signal-1" in names
+
+
+def test_labels_are_saved_and_taken_by_until(race, tmp_path):
+    path, _ = race
+    copy = tmp_path / "labelled.rrr"
+    copy.write_bytes(path.read_bytes())
+    add_label(str(copy), "here", 123456)
+    i = info(copy)
+    assert i["labels"] == [{"name": "here", "position": 123456}]
+    assert b"here" in rrstub("info", str(copy)).stdout
+    r = rrstub("replay", str(copy), "--until", "here", timeout=120)
+    assert r.returncode == 0 and b"stopped at instruction 123456" in r.stderr
+    rrstub("info", str(copy), "--verify").check_returncode()
