@@ -278,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--gdb", metavar="[HOST:]PORT",
                      help="instead of running to the end, serve the recording to gdb on this address "
                           "(the same as `rrstub serve REC --host HOST --port PORT`)")
+    rep.add_argument("--from", dest="start", metavar="POSITION|MARKER",
+                     help="start here instead of at the beginning: the nearest marker before it is "
+                          "restored and replay runs silently up to it (the serial hash of the whole "
+                          "run is then not checked; marker digests still are)")
     rep.add_argument("--go-live", metavar="MARKER|POSITION",
                      help="replay to this marker (mN or a name), label or position, then stop "
                           "replaying and run on live from that exact state, serial on this terminal")
@@ -632,6 +636,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     try:
         with Recording.open(args.recording) as rec:
             until = _parse_until(args.until, rec)
+            start = None if args.start is None else _parse_until(args.start, rec)
     except RecordingError as e:
         _err(str(e))
         return EXIT_RECORDING
@@ -642,8 +647,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     try:
         if args.serial_out:
             serial_out = open(args.serial_out, "wb")
+        keys = sys.stdin if sys.stdin is not None and sys.stdin.isatty() else None
         result = replay(args.recording, until=until, speed=args.speed, serial_out=serial_out,
-                        kernel_check=args.kernel, warn=_err, vassert=vassert)
+                        kernel_check=args.kernel, warn=_err, keys=keys, start=start, vassert=vassert)
     except OSError as e:
         _err(f"cannot open {e.filename}: {e.strerror}")
         return EXIT_USAGE
@@ -675,7 +681,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
              f"{o.guest_ns / 1e9:.3f} s of guest time, in {result.host_seconds:.2f} s: {check}")
     if vassert is not None:
         _err(vassert.report.format())
-        if not vassert.report.ok and o.reason != "interrupted":
+        if not vassert.report.ok and o.reason not in ("interrupted", "incomplete"):
             from rrstub.vassert import EXIT_VASSERT_FAILED
             return EXIT_VASSERT_FAILED
     return exit_status(o)

@@ -238,6 +238,8 @@ class Engine:
         self.marker_requested = False
         self.marker_name: tuple[Optional[str], str] = (None, "signal")
         self.point_landmark = False     # recording: the point being delivered is a landmark
+        self.running = None             # replay: a threading.Event, cleared while paused
+        self._pace_base: Optional[tuple[int, int]] = None
         self.until = until
         self.end_host_ns: Optional[int] = None   # recording: --timeout, as host CLOCK_MONOTONIC
         self.speed = speed
@@ -520,10 +522,18 @@ class Engine:
 
     # -- pacing (--speed) -----------------------------------------------------------
     def pace(self) -> None:
+        """Replay: wait while paused; with --speed, keep guest time at speed x host time."""
+        if self.running is not None and not self.running.is_set():
+            self.running.wait()
+            self._pace_base = None          # pacing restarts after a pause
         if not self.speed:
             return
-        target = self.guest_now() / self.speed
-        ahead = target - (host_monotonic_ns() - self.host_origin)
+        now, guest = host_monotonic_ns(), self.guest_now()
+        if self._pace_base is None:
+            self._pace_base = (guest, now)  # from where replay starts (0, or a crop's first marker)
+            return
+        g0, h0 = self._pace_base
+        ahead = (guest - g0) / self.speed - (now - h0)
         if ahead > 1_000_000:
             time.sleep(ahead / 1e9)
 

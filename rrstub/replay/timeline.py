@@ -565,7 +565,7 @@ class Timeline:
                 hi = cp.position
         finally:
             self._poll = lambda: False
-        self._seek(0)
+        self._seek(self.first)
         return Stop("begin", self.first, detail="start of the recording")
 
     def _scan(self, hi: int) -> list[tuple[int, Stop]]:
