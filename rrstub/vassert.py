@@ -18,7 +18,9 @@ before anything is injected.  There the checker
    the evaluation writes can be told apart;
 2. sets RAX = HC_VASSERT_CHECK and runs the guest freely (no single-step, no
    interrupt injected) until its ``HC_VASSERT_DONE`` exit, at most
-   ``EVAL_TIMEOUT_NS`` of host time.  Any other exit (port I/O, MMIO, hlt,
+   ``EVAL_TIMEOUT_NS`` of host time.  The exact engine single-steps the
+   condition (``_step``), as the replay runs everything; the fast engine runs
+   it natively (``_run``).  Any other exit (port I/O, MMIO, hlt,
    another hypercall, a triple fault, ...) ends the evaluation as "not
    evaluated" with the reason; the exit is not given to the devices;
 3. finishes the pending exit without running guest code, reads which pages
@@ -43,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, TextIO
 
 from rrstub.engines import EngineError, ExactEngine, place
-from vmm import paging
+from vmm import paging, x86special
 from vmm.devices.hypercall import (HC_VASSERT, HC_VASSERT_CHECK, HC_VASSERT_DONE, HYPERCALL_PORT,
                                    NAMES)
 from vmm.kvm import (Debug, FailEntry, Hlt, InternalError, Interrupted, IoIn, IoOut, IrqWindowOpen,
@@ -52,10 +54,11 @@ from vmm.memory import PAGE_SIZE
 from vmm._native import ffi, lib
 
 EXIT_VASSERT_FAILED = 67          # `rrstub replay --vassert`: an assertion failed or could not be evaluated
-EVAL_TIMEOUT_NS = 100_000_000     # host time one evaluation may take
+EVAL_TIMEOUT_NS = 250_000_000     # host time one evaluation may take (exact engine: ~35k stepped instructions)
 STACK_BELOW = 16 << 10            # saved below RSP: the condition's own pushes and calls
 STACK_ABOVE = 8 << 10             # saved above RSP: spills into the frame of the code around the VASSERT
 MAX_SPURIOUS_KICKS = 1000
+NEVER_STEPS = (1 << 63) - 1
 SITE_FLAG_EQ = 1                  # RRSTUB_VASSERT_EQ: RSI/RDI of the DONE call are the compared values
 SHOW_FAILURES = 10                # the CLI lists this many failures one by one
 
@@ -128,7 +131,8 @@ class SiteStats:
     site: Site
     evaluated: int = 0
     passed: int = 0
-    failed: int = 0           # "fail" and "not-evaluated"
+    failed: int = 0
+    not_evaluated: int = 0
     first_failure: Optional[Evaluation] = None
     last_failure: Optional[Evaluation] = None
 
@@ -158,9 +162,10 @@ class VAssertReport:
         else:
             if e.result == "fail":
                 self.failed += 1
+                stats.failed += 1
             else:
                 self.not_evaluated += 1
-            stats.failed += 1
+                stats.not_evaluated += 1
             stats.first_failure = stats.first_failure or e
             stats.last_failure = e
             if len(self.failures) < self.keep_failures:
@@ -177,10 +182,13 @@ class VAssertReport:
         lines = [f"vassert: {self.evaluated} assertion{'s' if self.evaluated != 1 else ''} evaluated: "
                  f"{self.passed} passed, {self.failed} failed"
                  + (f", {self.not_evaluated} could not be evaluated" if self.not_evaluated else "")]
-        bad = [s for s in self.sites.values() if s.failed]
-        for s in bad:
+        for s in self.sites.values():
+            if not (s.failed or s.not_evaluated):
+                continue
             first, last = s.first_failure, s.last_failure
-            lines.append(f"  {s.site.describe()}: {s.failed} of {s.evaluated} failed, first at "
+            counts = [f"{s.failed} of {s.evaluated} failed"] if s.failed else []
+            counts += [f"{s.not_evaluated} of {s.evaluated} not evaluated"] if s.not_evaluated else []
+            lines.append(f"  {s.site.describe()}: {', '.join(counts)}; first at "
                          f"{place(first.unit, first.position)}, last at {place(last.unit, last.position)}")
         if self.failures:
             total = self.failed + self.not_evaluated
@@ -203,7 +211,8 @@ def describe_exit(exit) -> str:
             fn = int.from_bytes(exit.data[:4], "little")
             return (f"it made hypercall {fn} ({NAMES.get(fn, 'unknown')}); a VASSERT inside a VASSERT's "
                     "condition is not supported")
-        return f"it wrote to I/O port {exit.port:#x} (I/O is a side effect; an exception handler printing?)"
+        return (f"it wrote to I/O port {exit.port:#x} (a condition must not do I/O; a fault in it "
+                "also ends this way if the guest's exception handler prints)")
     if isinstance(exit, IoIn):
         return f"it read I/O port {exit.port:#x} (I/O is a side effect)"
     if isinstance(exit, (MmioRead, MmioWrite)):
@@ -211,7 +220,7 @@ def describe_exit(exit) -> str:
     if isinstance(exit, Hlt):
         return "it executed hlt"
     if isinstance(exit, Shutdown):
-        return "the guest triple-faulted"
+        return "the guest triple-faulted (an exception in the condition, with no usable IDT)"
     if isinstance(exit, InternalError):
         return f"KVM could not run it (internal error, suberror {exit.suberror})"
     if isinstance(exit, FailEntry):
@@ -279,10 +288,8 @@ class VAssertChecker:
         saved = self._save_stack(state.regs.rsp, sregs)
         position, guest_ns = engine.position, engine.guest_now()
 
-        if exact:
-            vcpu.set_guest_debug(0)
         vcpu.set_regs(dataclasses.replace(state.regs, rax=HC_VASSERT_CHECK))
-        result, reason, values = self._run(site)
+        result, reason, values = self._step(site) if exact else self._run(site)
 
         # Finish a pending exit (an IN would write RAX later), then undo everything.
         _check(lib.rr_settle(vcpu.fd, vcpu._run, vcpu._exit), "KVM_RUN (settle after a VAssert)")
@@ -291,8 +298,6 @@ class VAssertChecker:
         for p, data in saved.items():
             view[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] = data
         vcpu.set_state(state)
-        if exact:
-            vcpu.set_guest_debug(lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP)
         if m.device_states() != devices:
             m.restore_devices(devices)
         # Refresh kvm_run's interrupt flags (the exact engine's C loop reads them) for the restored state.
@@ -310,7 +315,9 @@ class VAssertChecker:
             message = (f"the VASSERT at {site.where} ({site.func}: {site.expr}) at "
                        f"{place(engine.unit, position)} wrote guest memory outside its stack (physical "
                        f"page{'s' if len(outside) > 1 else ''} {what}{more}), which rrstub cannot undo; "
-                       "the replay stops here. A VASSERT condition must not write memory.")
+                       "the replay stops here. A VASSERT condition must not write memory (rrstub saves "
+                       f"and restores only the pages from RSP-{STACK_BELOW >> 10} KiB to "
+                       f"RSP+{STACK_ABOVE >> 10} KiB).")
             self.report.add(Evaluation(e.index, position, engine.unit, guest_ns, site, "not-evaluated",
                                        "it wrote memory outside its stack", values))
             self.report.stopped = message
@@ -318,8 +325,68 @@ class VAssertChecker:
         self.report.add(e)
         return e
 
+    def _done(self, exit, site: Site) -> Optional[tuple[str, str, Optional[tuple[int, int]]]]:
+        """The result if ``exit`` is the evaluation's HC_VASSERT_DONE, else None."""
+        if not (isinstance(exit, IoOut) and exit.port == HYPERCALL_PORT and exit.size == 4):
+            return None
+        regs = self.machine.vcpu.get_regs()
+        if regs.rax & 0xFFFFFFFF != HC_VASSERT_DONE:
+            return None
+        if regs.rbx != site.address:
+            return "not-evaluated", f"it reported the end of another VASSERT (site {regs.rbx:#x})", None
+        values = (_signed(regs.rsi), _signed(regs.rdi)) if site.flags & SITE_FLAG_EQ else None
+        return ("pass" if regs.rcx == 1 else "fail"), "", values
+
+    def _timed_out(self) -> tuple[str, str, None]:
+        return ("not-evaluated", f"it did not finish within {self.timeout_ns / 1e6:g} ms of host time",
+                None)
+
+    def _not_evaluated(self, why: str) -> tuple[str, str, None]:
+        return "not-evaluated", f"{why} at rip {self.machine.vcpu.get_regs().rip:#x}", None
+
+    def _step(self, site: Site) -> tuple[str, str, Optional[tuple[int, int]]]:
+        """Exact engine: single-step the condition, as the replay steps everything.
+
+        The guest-debug setup stays as the engine has it (switching single-step
+        off and on again would change how KVM carries RFLAGS.TF, and with it
+        what an interrupt frame pushed later holds).  A private step control
+        leaves the engine's own (instruction count, rip, flags) untouched.
+        """
+        vcpu, engine = self.machine.vcpu, self.engine
+        own = engine.ctl
+        c = ffi.new("struct rr_step_ctl *")
+        c.rip, c.cr0, c.cr3, c.cr4, c.efer = own.rip, own.cr0, own.cr3, own.cr4, own.efer
+        c.mem, c.mem_size, c.long_mode = own.mem, own.mem_size, own.long_mode
+        c.stop_icount = NEVER_STEPS
+        c.host_deadline = host_monotonic_ns() + self.timeout_ns
+        while True:
+            _check(lib.rr_step(vcpu.fd, vcpu._run, c, vcpu._exit), "KVM_RUN (single-step, VAssert)")
+            reason = c.reason
+            if reason == lib.RR_STEP_EXIT:
+                exit = vcpu.last_exit()
+                done = self._done(exit, site)
+                return done if done is not None else self._not_evaluated(describe_exit(exit))
+            if reason == lib.RR_STEP_SPECIAL:
+                sp = x86special.decode(bytes(ffi.buffer(c.insn, c.insn_len)), bool(c.long_mode))
+                K = x86special.Kind
+                if sp is not None and sp.kind == K.HLT:
+                    return self._not_evaluated("it executed hlt")
+                if sp is not None and sp.kind in (K.CR_WRITE, K.WRMSR):
+                    return self._not_evaluated(f"it changes the machine ({sp.kind.name.lower().replace('_', ' ')})")
+                c.flags |= lib.RR_STEP_NO_CHECK_ONCE    # reads host time/randomness/CPUID: harmless here
+                continue
+            if reason in (lib.RR_STEP_DEADLINE, lib.RR_STEP_LIMIT):
+                return self._timed_out()
+            if reason == lib.RR_STEP_KICK:
+                if host_monotonic_ns() >= c.host_deadline:
+                    return self._timed_out()
+                continue
+            if reason == lib.RR_STEP_NOFETCH:
+                return self._not_evaluated("its paging mode cannot be stepped")
+            return self._not_evaluated(f"single-stepping stopped (reason {reason})")
+
     def _run(self, site: Site) -> tuple[str, str, Optional[tuple[int, int]]]:
-        """Run the guest until its HC_VASSERT_DONE: (result, reason, values)."""
+        """Fast engine: run the guest freely until its HC_VASSERT_DONE: (result, reason, values)."""
         vcpu = self.machine.vcpu
         deadline = host_monotonic_ns() + self.timeout_ns
         kicks = 0
@@ -328,18 +395,10 @@ class VAssertChecker:
             if isinstance(exit, Interrupted):
                 kicks += 1
                 if host_monotonic_ns() >= deadline or kicks > MAX_SPURIOUS_KICKS:
-                    return ("not-evaluated", f"it did not finish within {self.timeout_ns / 1e6:g} ms "
-                            "of host time", None)
+                    return self._timed_out()
                 continue
-            if isinstance(exit, IoOut) and exit.port == HYPERCALL_PORT and exit.size == 4:
-                regs = vcpu.get_regs()
-                if regs.rax & 0xFFFFFFFF == HC_VASSERT_DONE:
-                    if regs.rbx != site.address:
-                        return ("not-evaluated", f"it reported the end of another VASSERT (site "
-                                f"{regs.rbx:#x})", None)
-                    values = (_signed(regs.rsi), _signed(regs.rdi)) if site.flags & SITE_FLAG_EQ else None
-                    return ("pass" if regs.rcx == 1 else "fail"), "", values
-            return "not-evaluated", f"{describe_exit(exit)} at rip {vcpu.get_regs().rip:#x}", None
+            done = self._done(exit, site)
+            return done if done is not None else self._not_evaluated(describe_exit(exit))
 
     # -- guest memory ---------------------------------------------------------------
     def _save_stack(self, rsp: int, sregs) -> dict[int, bytes]:

@@ -44,7 +44,7 @@ def pytest_runtest_setup(item):
 @pytest.fixture(scope="session")
 def kernels() -> Path:
     """The built example kernels (make -C examples)."""
-    missing = [k for k in ("hello", "race", "ticks", "echo") if not (EXAMPLES / f"{k}.elf").exists()]
+    missing = [k for k in ("hello", "race", "ticks", "echo", "race-vassert") if not (EXAMPLES / f"{k}.elf").exists()]
     if missing:
         subprocess.run(["make", "-s", "-C", str(ROOT / "examples")], check=True)
     return EXAMPLES

@@ -18,15 +18,16 @@
  * position, site and result.
  *
  * The contract for the condition:
- *   - No side effects.  It may read any memory and use the stack below (and
- *     within a few KiB above) the stack pointer; rrstub restores the pages
- *     around RSP and the guest's page tables afterwards.  A condition that
- *     writes any other page cannot be undone: rrstub stops the replay with
- *     an error naming the site and the page.
+ *   - No side effects.  It may read any memory and use the stack: rrstub
+ *     saves the pages from RSP - 16 KiB to RSP + 8 KiB and puts them back
+ *     afterwards.  A condition that writes any other page cannot be undone:
+ *     rrstub stops the replay with an error naming the site and the page.
  *   - No I/O, no hlt, no hypercalls other than the VASSERT's own, no
- *     exceptions, and finish within 100 ms: such a check is reported as
- *     "not evaluated" with the reason (a failure in the report), and the
- *     machine is restored.
+ *     exceptions, no writes to control registers or MSRs, and finish within
+ *     250 ms of host time (in an exact recording the condition is
+ *     single-stepped like the rest of the replay: some 35k instructions):
+ *     such a check is reported as "not evaluated" with the reason (a failure
+ *     in the report), and the machine is restored.
  *   - Interrupts are not delivered while it runs (the condition runs with
  *     whatever IF the code around it has, but rrstub injects nothing).
  *
