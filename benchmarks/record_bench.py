@@ -142,8 +142,8 @@ def marker_clock(samples: list):
     capture, add_marker = MarkerKeeper.capture, RecordingWriter.add_marker
     pending: list = []
 
-    def timed_capture(keeper, position, engine, full):
-        seconds, result = timed(lambda: capture(keeper, position, engine, full))
+    def timed_capture(keeper, position, engine, full, **kw):
+        seconds, result = timed(lambda: capture(keeper, position, engine, full, **kw))
         pending.append((full, seconds))
         return result
 

@@ -1,25 +1,29 @@
 """`rrstub trace`: every instruction of an exact recording, from its replay.
 
 ``InstructionTrace`` replays a ``Timeline`` forward over a range of
-positions and reports each executed instruction as an ``Executed``: its
-position, address, bytes, disassembly (capstone, Intel syntax) and the
-registers it changed.  It only observes: the guest runs exactly as in any
-replay (the engine's between-instructions hook reads the vCPU; nothing is
-written to the guest).
+positions and reports each step as an ``Executed``: its position, address,
+bytes, disassembly (capstone, Intel syntax) and the registers it changed.
+It only observes: the guest runs exactly as in any replay (the engine's
+between-instructions hook reads the vCPU; nothing is written to the guest).
 
 Invariants and conventions:
-* the instruction at position P is the one that runs while the count goes
-  from P to P+1; its line is written when replay reaches P+1, from the
-  registers at P and P+1;
-* a step that delivers an interrupt runs the handler's first instruction in
-  the same step (PLATFORM.md): that line shows the handler's first
-  instruction, the vector, and the address of the instruction the
-  interrupt came before (which runs later, on its own line);
-* general registers and rflags are read after every instruction; segment,
-  control and descriptor-table registers only after instructions that can
-  change them (``_SYSTEM``), after interrupt deliveries, and when control
-  did not fall through an instruction that is not a branch (an exception
-  was delivered); kernel_gs_base only after swapgs and wrmsr;
+* the step at position P is what runs while the count goes from P to P+1;
+  its line is written when replay reaches P+1, from the registers at P and
+  P+1, and its rip is the rip at P;
+* single-stepping on this host runs one more instruction in two kinds of
+  step (PLATFORM.md, and measured by the tests): a step that delivers an
+  interrupt also runs the handler's first instruction, and an iretq also
+  runs the instruction it returns to.  Such a line carries the extra
+  instruction as ``then``; an interrupt line's own instruction is
+  ``<interrupt vector N>`` at the rip the interrupt came before (that
+  instruction runs later, on its own line).  A step of any other
+  instruction whose rip lands just past the following instruction (mov ss
+  or popf can do that) is reported the same way;
+* general registers and rflags are read after every step; segment, control
+  and descriptor-table registers only after instructions that can change
+  them (``_SYSTEM``), after interrupt deliveries, and when control did not
+  fall through an instruction that is not a branch (an exception was
+  delivered); kernel_gs_base only after swapgs and wrmsr;
 * translations of code pages are cached until those registers are re-read
   (mov to a control register, invlpg and the like are in ``_SYSTEM``).
 """
@@ -33,32 +37,35 @@ import time
 from typing import Callable, NamedTuple, Optional, TextIO
 
 TEXT_EPILOG = """\
-output (--format text, the default): one line per instruction
-  POSITION  RIP  BYTES  DISASSEMBLY  [<interrupt ...>]  CHANGED
-  e.g.
-      120001  ffffffff80100a3c  8b 05 12 34 00 00   mov eax, dword ptr [rip + 0x3412]   rax=0x3
-  CHANGED lists the registers the instruction changed, with their new values
-  (rip is not listed: the next line shows it). General registers and rflags
-  are compared after every instruction; segment selectors, fs_base, gs_base,
+output (--format text, the default): one line per position
+  POSITION  RIP  BYTES  DISASSEMBLY  [<then RIP: DISASSEMBLY>]  CHANGED
+  e.g. (spacing shortened)
+     16052  00000000001000a0  8b 15 7a 6f 00 00   mov edx, dword ptr [rip + 0x6f7a]   rdx=0x1d5
+  CHANGED lists the registers the step changed, with their new values (rip
+  is not listed: the next line shows it). General registers and rflags are
+  compared after every step; segment selectors, fs_base, gs_base,
   kernel_gs_base, cr0/2/3/4/8, efer, gdt_base, idt_base, tr and ldt when an
   instruction can change them or an exception or interrupt was delivered.
 
-  A step that delivers an interrupt also runs the handler's first
-  instruction (that is how single-stepping works here); its line shows that
-  instruction with <interrupt vector N before ADDRESS>, ADDRESS being the
-  instruction the interrupt came before (it runs later, on its own line),
-  and CHANGED includes what the delivery changed (rsp, rflags, ...).
+  Two kinds of step run one more instruction when single-stepped on KVM,
+  shown as <then RIP: DISASSEMBLY>: a step that delivers an interrupt (its
+  line reads <interrupt vector N> at the rip the interrupt came before; the
+  instruction there runs later, on its own line; "then" is the handler's
+  first instruction), and iretq (then: the instruction it returned to).
+  CHANGED covers the whole step.
 
 output (--format jsonl): one JSON object per line
-  {"pos": 120001, "rip": "0xffffffff80100a3c", "bytes": "8b0512340000",
-   "asm": "mov eax, dword ptr [rip + 0x3412]", "changed": {"rax": "0x3"}}
-  with "interrupt": {"vector": 32, "before": "0x..."} on interrupt steps.
+  {"pos": 16052, "rip": "0x1000a0", "bytes": "8b157a6f0000",
+   "asm": "mov edx, dword ptr [rip + 0x6f7a]", "changed": {"rdx": "0x1d5"}}
+  an interrupt step has "interrupt": N (its "bytes" are empty), and a step
+  that ran one more instruction has "then": {"rip": ..., "bytes": ..., "asm": ...}.
   Addresses and register values are hex strings: JSON readers such as jq
   lose precision in numbers above 2**53.
 
-positions: an instruction count, or mN for recorded marker N (as `rrstub
-replay --until`). The trace covers [--from, --to): --to is the first
-instruction not listed; the default is the whole recording.
+positions: an instruction count, mN for recorded marker N, or a marker or
+label name (as `rrstub replay --until`). The trace covers [--from, --to):
+--to is the first position not listed; the default is the whole recording
+(a cropped recording starts where its first marker is).
 
 exit status:
   0    traced (also when the output's reader went away early, e.g. `| head`)
@@ -66,17 +73,17 @@ exit status:
        unusable recording, or a recording made with --mode fast
   66   replay did not follow the recording (a report says where)
   70   the replay engine failed
-  130  Ctrl-C: what was traced so far is written
+  130  Ctrl-C: what was traced up to then is written
 
 examples:
   rrstub record examples/build/race.elf -o race.rrr --mode exact --cmdline increments=200
   rrstub trace race.rrr | head -20
   rrstub trace race.rrr --from 12000 --to 12100
   rrstub trace race.rrr --from m1 --format jsonl -o trace.jsonl
-  rrstub trace race.rrr | grep -m3 'counter\\|increment'
+  rrstub trace race.rrr | grep -c 'interrupt vector 32'
 """
 
-LONG_TRACE = 100_000             # instructions: progress on stderr even when it is not a terminal
+LONG_TRACE = 100_000             # positions: progress on stderr even when it is not a terminal
 PROGRESS_EVERY_TTY = 0.25        # seconds between redraws on a terminal
 PROGRESS_EVERY_LOG = 5.0         # seconds between progress lines otherwise
 PROGRESS_FIRST = 0.5             # nothing is shown for traces shorter than this
@@ -95,7 +102,7 @@ _SYSTEM_MNEMONICS = frozenset((
     "iret", "iretd", "iretq", "int", "int1", "int3", "into", "syscall", "sysret", "sysretq",
     "sysenter", "sysexit", "sysexitq", "swapgs", "wrmsr", "lgdt", "lidt", "lldt", "ltr", "lmsw",
     "clts", "ljmp", "lcall", "retf", "retfq", "lret", "lretq", "lss", "lds", "les", "lfs", "lgs",
-    "wrfsbase", "wrgsbase", "rsm", "invlpg", "invlpga", "invpcid", "ud2", "hlt"))
+    "wrfsbase", "wrgsbase", "rsm", "invlpg", "invlpga", "invpcid", "ud2"))
 _SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss")
 _MSR_MNEMONICS = frozenset(("swapgs", "wrmsr"))
 _SYSTEM_NAMES = (*_SEGMENTS, "fs_base", "gs_base", "k_gs_base", "cr0", "cr2", "cr3", "cr4", "cr8",
@@ -105,14 +112,14 @@ _IDT_BASE = _SYSTEM_NAMES.index("idt_base")
 
 
 class Executed(NamedTuple):
-    """One executed instruction (a NamedTuple: one is made per instruction)."""
+    """One step of the replay (a NamedTuple: one is made per instruction)."""
     pos: int
-    rip: int
-    code: bytes
+    rip: int                                # the rip at ``pos``
+    code: bytes                             # empty for an interrupt delivery
     asm: str
-    changed: tuple[tuple[str, int], ...]   # (register, new value), in a fixed order
-    vector: Optional[int] = None           # an interrupt delivered in this step
-    before: Optional[int] = None           # the rip the interrupt came before
+    changed: tuple[tuple[str, int], ...]    # (register, new value), in a fixed order
+    interrupt: Optional[int] = None         # the vector this step delivered
+    then: Optional[tuple[int, bytes, str]] = None   # (rip, bytes, asm) of an extra instruction run
 
 
 def flow_of(mnemonic: str, op_str: str) -> int:
@@ -129,19 +136,14 @@ def flow_of(mnemonic: str, op_str: str) -> int:
     return _FALLS
 
 
-def diff(names: tuple[str, ...], old: tuple, new: tuple) -> list[tuple[str, int]]:
-    return [(n, v) for n, v, o in zip(names, new, old) if v != o]
-
-
 # ---------------------------------------------------------------------------
 # Output formats
 
 
 def format_text(x: Executed, pos_width: int = 10) -> str:
-    code = x.code.hex(" ")
-    parts = [f"{x.pos:>{pos_width}}  {x.rip:016x}  {code:<32} {x.asm:<40}"]
-    if x.vector is not None:
-        parts.append(f"<interrupt vector {x.vector} before {x.before:x}>")
+    parts = [f"{x.pos:>{pos_width}}  {x.rip:016x}  {x.code.hex(' '):<32} {x.asm:<40}"]
+    if x.then is not None:
+        parts.append(f"<then {x.then[0]:x}: {x.then[2]}>")
     if x.changed:
         parts.append(" ".join(f"{n}={v:#x}" for n, v in x.changed))
     return "  ".join(parts).rstrip()
@@ -149,10 +151,12 @@ def format_text(x: Executed, pos_width: int = 10) -> str:
 
 def format_json(x: Executed) -> str:
     changed = ",".join(f'"{n}":"{v:#x}"' for n, v in x.changed)
-    interrupt = ("" if x.vector is None else
-                 f',"interrupt":{{"vector":{x.vector},"before":"{x.before:#x}"}}')
+    extra = "" if x.interrupt is None else f',"interrupt":{x.interrupt}'
+    if x.then is not None:
+        rip, code, asm = x.then
+        extra += f',"then":{{"rip":"{rip:#x}","bytes":"{code.hex()}","asm":{json.dumps(asm)}}}'
     return (f'{{"pos":{x.pos},"rip":"{x.rip:#x}","bytes":"{x.code.hex()}","asm":{json.dumps(x.asm)},'
-            f'"changed":{{{changed}}}{interrupt}}}')
+            f'"changed":{{{changed}}}{extra}}}')
 
 
 # ---------------------------------------------------------------------------
@@ -174,6 +178,8 @@ class InstructionTrace:
         self._check = _check
         self._names = REG_NAMES
         self._rip_index = REG_NAMES.index("rip")
+        self._rsp_index = REG_NAMES.index("rsp")
+        self._rcx_index = REG_NAMES.index("rcx")
         self._regs_buf = ffi.new("struct kvm_regs *")
         self._regs_view = ffi.buffer(self._regs_buf)
         self._regs_struct = struct.Struct(f"<{len(REG_NAMES)}Q")
@@ -266,9 +272,7 @@ class InstructionTrace:
         cr0, _, _, efer = self._paging
         idt = self._system[_IDT_BASE]
         if not cr0 & CR0_PE:
-            offset, segment = struct.unpack("<HH", self._read_code(idt + 4 * vector, 4))
-            self._cs_base = segment << 4
-            return offset
+            return int.from_bytes(self._read_code(idt + 4 * vector, 2), "little")
         if efer & EFER_LMA:
             gate = self._read_code(idt + 16 * vector, 16)
             return (int.from_bytes(gate[0:2], "little") | int.from_bytes(gate[6:8], "little") << 16
@@ -299,7 +303,7 @@ class InstructionTrace:
         self._emit, self._tick, self._stop = emit, tick, stop
         if start >= stop:
             return Outcome("until", 0, start, e.guest_now())
-        self._next = self._decode(self._regs[self._rip_index])
+        self._look_ahead(self._regs)
         vcpu = self.vcpu
         inject = vcpu.interrupt
 
@@ -327,6 +331,19 @@ class InstructionTrace:
             e.boundary_at = NEVER
             t.frontier = max(t.frontier, c.icount)
 
+    def _landing(self, asm: str, regs: tuple) -> Optional[int]:
+        """Where an iret or sysret at this state returns to (read before it runs)."""
+        if asm == "iretq":
+            return int.from_bytes(self._read_code(regs[self._rsp_index], 8), "little")
+        if asm.startswith("sysret"):
+            return regs[self._rcx_index] if asm == "sysretq" else regs[self._rcx_index] & 0xFFFFFFFF
+        return None
+
+    def _look_ahead(self, regs: tuple) -> None:
+        """Decode the instruction the next step runs (and where it returns to, for iretq/sysret)."""
+        self._next = self._decode(regs[self._rip_index])
+        self._next_landing = self._landing(self._next[1], regs) if self._next[2] == _SYSTEM else None
+
     def _boundary(self) -> None:
         """Between instructions, at position ``pos``: write the line of ``pos - 1``."""
         e = self.engine
@@ -336,40 +353,36 @@ class InstructionTrace:
         old = self._regs
         rip_index = self._rip_index
         code, asm, flow = self._next
-        rip = old[rip_index]
-        vector = before = None
+        rip, nrip = old[rip_index], regs[rip_index]
+        landing = self._next_landing
+        vector = then = None
         queued = self._queued
         emulated = e.steps_emulated != self._emulated
         self._emulated = e.steps_emulated
         if queued is not None and queued[0] < pos and not emulated:
-            # This step entered KVM with the interrupt queued: it was delivered, and the
-            # handler's first instruction ran.
-            vector, before = queued[1], rip
+            # This step entered KVM with the interrupt queued: it was delivered first.
+            vector = queued[1]
             self._queued = None
-            flow = _SYSTEM
-        elif flow == _FALLS:
-            nrip = regs[rip_index]
-            if nrip != rip + len(code) and nrip != rip:
-                flow = _SYSTEM        # an exception was delivered
-        changed = [(n, v) for n, v, o in zip(self._names, regs, old) if v != o]
+            code, asm, flow, landing = b"", f"<interrupt vector {vector}>", _SYSTEM, None
+        elif flow == _FALLS and nrip != rip + len(code) and nrip != rip:
+            landing = rip + len(code)
+            if nrip != landing + len(self._decode(landing)[0]):
+                flow, landing = _SYSTEM, None   # not past the next instruction either: an exception
+        changed = [(n, v) for n, v, o in zip(self._names, regs, old) if v != o and n != "rip"]
         if flow == _SYSTEM:
             system = self._system
             self._read_system(msrs=asm.split(" ", 1)[0] in _MSR_MNEMONICS)
-            changed += diff(_SYSTEM_NAMES, system, self._system)
-        if vector is not None:
-            entry = self._handler_entry(vector)
-            if regs[rip_index] == entry:
-                code, asm = b"", "(interrupt delivered)"      # the handler starts with the next step
-            else:
-                rip = entry
-                code, asm, _ = self._decode(rip)
+            changed += [(n, v) for n, v, o in zip(_SYSTEM_NAMES, self._system, system) if v != o]
+            if vector is not None:
+                landing = self._handler_entry(vector)
+        if landing is not None and nrip != landing:
+            then = (landing, *self._decode(landing)[:2])
         self._regs = regs
-        self._emit(Executed(pos - 1, rip, code, asm,
-                            tuple(x for x in changed if x[0] != "rip"), vector, before))
+        self._emit(Executed(pos - 1, rip, code, asm, tuple(changed), vector, then))
         if pos & 0xFFF == 0:
             self._tick(pos)
         if pos < self._stop:
-            self._next = self._decode(regs[rip_index])
+            self._look_ahead(regs)
 
 
 # ---------------------------------------------------------------------------
@@ -379,11 +392,11 @@ class InstructionTrace:
 class Progress:
     """A progress line on stderr: redrawn in place on a terminal, a plain line now and then otherwise."""
 
-    def __init__(self, start: int, stop: int, stream: TextIO = sys.stderr, force: bool = False):
+    def __init__(self, start: int, stop: int, stream: TextIO = sys.stderr, quiet: bool = False):
         self.start, self.stop = start, stop
         self.stream = stream
         self.tty = stream.isatty()
-        self.enabled = self.tty or force or stop - start > LONG_TRACE
+        self.enabled = not quiet and (self.tty or stop - start > LONG_TRACE)
         self.began = time.monotonic()
         self.next_at = self.began + PROGRESS_FIRST
         self.drawn = False
@@ -447,7 +460,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         epilog=TEXT_EPILOG)
     p.add_argument("recording", metavar="REC", help="a file written by `rrstub record --mode exact`")
     p.add_argument("--from", dest="start", metavar="POSITION|mN",
-                   help="first instruction to list (default 0)")
+                   help="first instruction to list (default: the start of the recording)")
     p.add_argument("--to", dest="stop", metavar="POSITION|mN",
                    help="stop before this instruction (default: the end of the recording)")
     p.add_argument("--format", choices=("text", "jsonl"), default="text",
@@ -496,12 +509,12 @@ def cmd_trace(args: argparse.Namespace) -> int:
         _err(str(e))
         return EXIT_RECORDING
     with timeline:
-        last = timeline.last
-        start = 0 if start is None else start
+        first, last = timeline.first, timeline.last
+        start = first if start is None else start
         stop = last if stop is None else stop
         for option, text, value in (("--from", args.start, start), ("--to", args.stop, stop)):
-            if value > last:
-                _err(f"{option} {text}: the recording has instructions 0..{last}")
+            if not first <= value <= last:
+                _err(f"{option} {text}: the recording has instructions {first}..{last}")
                 return EXIT_USAGE
         if start > stop:
             _err(f"--from {args.start} (instruction {start}) is after --to {args.stop} (instruction {stop})")
@@ -514,31 +527,27 @@ def cmd_trace(args: argparse.Namespace) -> int:
         width = max(6, len(str(stop)))
         fmt = format_json if args.format == "jsonl" else (lambda x: format_text(x, width))
         writer = LineWriter(out, fmt)
-        progress = Progress(start, stop)
-        progress.enabled = progress.enabled and not args.quiet
+        progress = Progress(start, stop, quiet=args.quiet)
         began = time.monotonic()
+        failure = None
         try:
-            InstructionTrace(timeline).run(start, stop, writer, progress)
+            try:
+                InstructionTrace(timeline).run(start, stop, writer, progress)
+            except KeyboardInterrupt:
+                failure = EXIT_INTERRUPTED, "interrupted"
+            except (Divergence, TimelineError) as e:
+                failure = EXIT_DIVERGED, str(e)
+            except EngineError as e:
+                failure = EXIT_KVM_ERROR, f"replay failed: {e}"
             writer.flush()
-        except KeyboardInterrupt:
-            writer.flush()
-            progress.done()
-            _err(f"interrupted: {writer.count} instructions written, {start}..{start + writer.count - 1}")
-            return EXIT_INTERRUPTED
-        except (Divergence, TimelineError) as e:
-            writer.flush()
-            progress.done()
-            _err(str(e))
-            return EXIT_DIVERGED
-        except EngineError as e:
-            writer.flush()
-            progress.done()
-            _err(f"replay failed: {e}")
-            return EXIT_KVM_ERROR
         finally:
             if args.output:
                 out.close()
         progress.done()
+        if failure is not None:
+            status, message = failure
+            _err(f"{message}; the trace has positions [{start}, {start + writer.count})")
+            return status
         seconds = time.monotonic() - began
         if not args.quiet:
             end = timeline.source.end
