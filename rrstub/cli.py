@@ -367,8 +367,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _cmd_run_live(args)
 
 
-def _cmd_run_guest_record(args: argparse.Namespace) -> int:
+def _recorder_mode(args: argparse.Namespace):
+    """Check --mode and the kernel for a recorder: (host facts, mode, why), or an exit status."""
     from rrstub.hostfacts import choose_mode, host_facts
+    from vmm import boot
+
+    try:
+        boot.load_kernel_file(args.kernel)
+    except boot.BootError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    facts = host_facts()
+    mode, why = (args.mode, "asked for on the command line") if args.mode != "auto" else choose_mode(facts)
+    if mode == "exact" and not facts.singlestep_cpl0:
+        _err("--mode exact needs single-stepping at guest CPL0, which this host's KVM does not do "
+             "(see `rrstub doctor`); use --mode fast")
+        return EXIT_USAGE
+    return facts, mode, why
+
+
+def _cmd_run_guest_record(args: argparse.Namespace) -> int:
     from rrstub.recording import RecordingError
     from rrstub.session import exit_status, run_guest_controlled
     from vmm import boot
@@ -378,17 +396,10 @@ def _cmd_run_guest_record(args: argparse.Namespace) -> int:
         _err("--allow-guest-record and -o REC go together: the guest decides when to record, "
              "into REC (`rrstub record` records a whole run)")
         return EXIT_USAGE
-    try:
-        boot.load_kernel_file(args.kernel)
-    except boot.BootError as e:
-        _err(str(e))
-        return EXIT_USAGE
-    facts = host_facts()
-    mode, why = (args.mode, "asked for on the command line") if args.mode != "auto" else choose_mode(facts)
-    if mode == "exact" and not facts.singlestep_cpl0:
-        _err("--mode exact needs single-stepping at guest CPL0, which this host's KVM does not do; "
-             "use --mode fast")
-        return EXIT_USAGE
+    chosen = _recorder_mode(args)
+    if isinstance(chosen, int):
+        return chosen
+    facts, mode, why = chosen
     try:
         serial_in, serial_out = _open_streams(args.serial_in, args.serial_out)
     except OSError as e:
@@ -476,23 +487,15 @@ def _close_streams(*streams) -> None:
 
 
 def cmd_record(args: argparse.Namespace) -> int:
-    from rrstub.hostfacts import choose_mode, host_facts
     from rrstub.recording import RecordingError
     from rrstub.session import exit_status, record
     from vmm import boot
     from vmm.memory import GuestMemoryError
 
-    try:
-        boot.load_kernel_file(args.kernel)
-    except boot.BootError as e:
-        _err(str(e))
-        return EXIT_USAGE
-    facts = host_facts()
-    mode, why = (args.mode, "asked for on the command line") if args.mode != "auto" else choose_mode(facts)
-    if mode == "exact" and not facts.singlestep_cpl0:
-        _err("--mode exact needs single-stepping at guest CPL0, which this host's KVM does not do "
-             "(see `rrstub doctor`); use --mode fast")
-        return EXIT_USAGE
+    chosen = _recorder_mode(args)
+    if isinstance(chosen, int):
+        return chosen
+    facts, mode, why = chosen
     if not args.quiet:
         _err(f"recording in {mode} mode: {why}")
     try:
@@ -546,27 +549,10 @@ def cmd_record(args: argparse.Namespace) -> int:
     return exit_status(o)
 
 
-def _parse_until(text: Optional[str], rec) -> Optional[int]:
-    if text is None:
-        return None
-    t = text.strip()
-    if t[:1] in "mM" and t[1:].isdigit():
-        index = int(t[1:])
-        if index >= len(rec.markers):
-            raise ValueError(f"--until {text}: the recording has markers m0..m{len(rec.markers) - 1}")
-        return rec.markers[index].meta["position"]
-    named = [m.meta["position"] for m in rec.markers if m.meta.get("name") == t]
-    named += [x["position"] for x in rec.labels if x["name"] == t]
-    if named:
-        return named[0]
-    try:
-        value = int(t, 0)
-    except ValueError:
-        raise ValueError(f"--until {text!r}: give a position (a number), a marker (m0, m1, ...) or a "
-                         "marker or label name (`rrstub info` lists them)") from None
-    if value < 0:
-        raise ValueError(f"--until {text!r}: positions start at 0")
-    return value
+def _parse_until(text: Optional[str], rec, what: str = "--until") -> Optional[int]:
+    """A position option's value (None when not given); ValueError names the bad input."""
+    from rrstub.session import resolve_position
+    return None if text is None else resolve_position(rec, text, what)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -636,7 +622,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     try:
         with Recording.open(args.recording) as rec:
             until = _parse_until(args.until, rec)
-            start = None if args.start is None else _parse_until(args.start, rec)
+            start = _parse_until(args.start, rec, "--from")
     except RecordingError as e:
         _err(str(e))
         return EXIT_RECORDING

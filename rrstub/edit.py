@@ -33,11 +33,8 @@ from typing import Callable, Optional
 
 from rrstub import events as ev
 from rrstub.markers import MarkerError, decode_marker, encode_marker
-from rrstub.recording import ChunkInfo, ChunkKind, Recording, RecordingError, RecordingWriter
+from rrstub.recording import ChunkKind, Recording, RecordingWriter
 from vmm import snapshot
-
-ORIGIN_RESUME = {"after_point": "after_point", "after_landmark": "after_landmark"}
-
 
 class EditError(Exception):
     """The edit cannot be made as asked; the message names the input and what to do."""
@@ -54,10 +51,6 @@ def recording_id(rec: Recording) -> str:
     if isinstance(rid, str):
         return rid
     return uuid.uuid5(uuid.NAMESPACE_OID, repr(sorted(rec.config.items()))).hex
-
-
-def marker_name(meta: dict) -> str:
-    return f"m{meta['index']}"
 
 
 def find_marker(rec: Recording, text: str, what: str) -> int:
@@ -260,14 +253,15 @@ def crop(src: str, out: str, start: str, stop: str,
             writer.rename(out)
         except BaseException:
             writer.close()
-            _unlink(tmp)
+            unlink_quietly(tmp)
             raise
         return {"file": out, "from": first, "to": last, "markers": copied.markers,
                 "first_position": rec.markers[first].meta["position"], "last_position": end.pos,
                 "bytes": os.path.getsize(out), "source_bytes": rec.file_size}
 
 
-def _unlink(path: str) -> None:
+def unlink_quietly(path: str) -> None:
+    """Remove a temporary file if it is there."""
     try:
         os.unlink(path)
     except OSError:
@@ -293,7 +287,7 @@ def rebase(path: str, writer: RecordingWriter, first: int, config_extra: dict,
             new.rename(path)
         except BaseException:
             new.close()
-            _unlink(tmp)
+            unlink_quietly(tmp)
             raise
     writer.close()
     return new, copied
@@ -315,13 +309,5 @@ def add_label(path: str, name: str, position: int) -> None:
             writer.rename(path)
         except BaseException:
             writer.close()
-            _unlink(tmp)
+            unlink_quietly(tmp)
             raise
-
-
-def describe_chunk(c: ChunkInfo) -> str:
-    return f"{c.kind.name} at byte offset {c.offset}"
-
-
-__all__ = ["EditError", "add_label", "copy_from_marker", "crop", "find_marker", "full_marker",
-           "new_id", "rebase", "recording_id", "RecordingError"]

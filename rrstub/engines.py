@@ -295,12 +295,17 @@ class Engine:
         if how in ("after_point", "after_landmark"):
             vcpu = self.machine.vcpu
             _check(lib.rr_settle(vcpu.fd, vcpu._run, vcpu._exit), "KVM_RUN (settle)")
-            vcpu.if_flag = bool(vcpu._exit.if_flag)
-            vcpu.ready_for_injection = bool(vcpu._exit.ready_for_injection)
+            self._sync_vcpu_flags()
             self.after_point(how == "after_landmark")
         elif how is not None:
             raise EngineError(f"the first marker asks replay to resume {how!r}, which this rrstub "
                               "does not know; use a newer rrstub")
+
+    def _sync_vcpu_flags(self) -> None:
+        """Take the interrupt flags from the last KVM_RUN's exit."""
+        ex = self.machine.vcpu._exit
+        self.machine.vcpu.if_flag = bool(ex.if_flag)
+        self.machine.vcpu.ready_for_injection = bool(ex.ready_for_injection)
 
     def request_marker(self, name: Optional[str] = None, origin: str = "signal") -> None:
         """Recording: take a marker at the next point (thread- and signal-safe: only sets fields)."""
@@ -754,11 +759,6 @@ class ExactEngine(Engine):
             self.ctl.flags |= lib.RR_STEP_SKIP_BREAK
             self.inject_pending_at = self.ctl.icount
 
-    def _sync_vcpu_flags(self) -> None:
-        ex = self.machine.vcpu._exit
-        self.machine.vcpu.if_flag = bool(ex.if_flag)
-        self.machine.vcpu.ready_for_injection = bool(ex.ready_for_injection)
-
     # -- the loop -------------------------------------------------------------------
     def enable_stepping(self) -> None:
         """Turn on KVM single-stepping without letting the guest see the trap flag.
@@ -1140,8 +1140,7 @@ class FastEngine(Engine):
             r = lib.rr_run_to_regs(vcpu.fd, vcpu._run, want, step_over, self.breakpoint_hits, vcpu._exit)
             _check(r, "KVM_RUN (landmark search)")
             if r == lib.RR_LANDMARK_MATCH:
-                vcpu.if_flag = bool(vcpu._exit.if_flag)
-                vcpu.ready_for_injection = bool(vcpu._exit.ready_for_injection)
+                self._sync_vcpu_flags()
                 self.markers.tracker.collect()
                 if self.markers.tracker.digest(m.mem) == p.landmark_digest:
                     break

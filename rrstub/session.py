@@ -27,7 +27,7 @@ from rrstub import events as ev
 from rrstub.engines import (DEFAULT_MARKER_EVERY_NS, NOMINAL_PS_PER_INSTR, Divergence, Engine,
                             ExactEngine, FastEngine, LogSink, LogSource, Outcome, place)
 from rrstub.markers import MarkerError, decode_marker
-from rrstub.recording import Recording, RecordingWriter
+from rrstub.recording import ChunkKind, Recording, RecordingWriter
 from vmm import boot
 from vmm.kvm import host_monotonic_ns
 from vmm.machine import (EXIT_CRASH, EXIT_HUNG, EXIT_TIMEOUT, GuestCrashed, GuestHung, GuestTimeout,
@@ -174,7 +174,7 @@ class RecordingOutput:
             return
         target = self._rebase_target(meta)
         if target is not None:
-            self._rebase(target)
+            self._rebase(*target)
 
     def on_chunk(self, info) -> None:
         if self.stopped or self.quota is None:
@@ -191,28 +191,29 @@ class RecordingOutput:
         """What finishing adds: END, INDEX, trailer."""
         return 1024 + 64 * len(self.writer.chunks)
 
-    def _rebase_target(self, meta: dict) -> Optional[int]:
-        """The index of the marker to rebase onto now, if any."""
-        if len(self.markers) < 2:
+    def _rebase_target(self, meta: dict) -> Optional[tuple[int, str]]:
+        """The index of the marker to rebase onto now and why, if the recording should be rebased."""
+        if len(self.markers) < 2 or self.rolling_ns is None:
             return None
         choice = None
-        if self.rolling_ns is not None:
-            now = meta.get("guest_ns", 0)
-            if now - self.markers[0].get("guest_ns", 0) >= self.rolling_ns * ROLLING_SLACK:
-                fits = [i for i, m in enumerate(self.markers) if m.get("guest_ns", 0) <= now - self.rolling_ns]
-                if fits and fits[-1] > 0:
-                    choice = fits[-1]
-        if self.quota is not None and self.rolling:
+        now = meta.get("guest_ns", 0)
+        if now - self.markers[0].get("guest_ns", 0) >= self.rolling_ns * ROLLING_SLACK:
+            fits = [i for i, m in enumerate(self.markers) if m.get("guest_ns", 0) <= now - self.rolling_ns]
+            if fits and fits[-1] > 0:
+                choice = (fits[-1], f"it covered more than {ROLLING_SLACK:g} x the "
+                                    f"{self.rolling_ns / 1e9:g} s window")
+        if self.quota is not None:
             written = self.writer.bytes_written
             if written + self._tail_estimate() >= self.quota * QUOTA_HIGH:
                 full = self.markers[0].get("stored", 0) or 0
                 keep = [i for i, m in enumerate(self.markers)
                         if i > 0 and written - m["offset"] + full <= self.quota * QUOTA_KEEP]
                 pick = keep[0] if keep else len(self.markers) - 1
-                choice = pick if choice is None else max(choice, pick)
+                if choice is None or pick > choice[0]:
+                    choice = (pick, f"it neared --quota {self.quota} bytes")
         return choice
 
-    def _rebase(self, index: int) -> None:
+    def _rebase(self, index: int, why: str) -> None:
         from rrstub import edit
         old_first = self.markers[0]
         target = self.markers[index]
@@ -231,16 +232,13 @@ class RecordingOutput:
         self.sink.counts = dict(copied.counts)
         self.engine.markers.count -= index
         kept = writer.chunks
-        offsets = [c.offset for c in kept if c.kind.name == "MARKER"]
+        offsets = [c.offset for c in kept if c.kind is ChunkKind.MARKER]
         self.markers = [dict(m, index=m["index"] - index, offset=o)
                         for m, o in zip(self.markers[index:], offsets)]
-        self.markers[0]["stored"] = next(c.stored_size for c in kept if c.kind.name == "MARKER")
+        self.markers[0]["stored"] = next(c.stored_size for c in kept if c.kind is ChunkKind.MARKER)
         self.first_meta = self.markers[0]
         self.out.keep_from(target["position"])
         self.dropped_bytes += max(0, before - writer.bytes_written)
-        why = (f"it covered more than {ROLLING_SLACK:g} x the {self.rolling_ns / 1e9:g} s window"
-               if self.rolling_ns is not None and writer.bytes_written < (self.quota or 1 << 62) * QUOTA_KEEP
-               else f"it neared --quota {self.quota} bytes")
         self.warn(f"rolling: dropped guest time {old_first.get('guest_ns', 0) / 1e9:.3f}.."
                   f"{target.get('guest_ns', 0) / 1e9:.3f} s ({why}); {self.path} now starts at "
                   f"{place(self.engine.unit, target['position'])} and is {writer.bytes_written} bytes")
@@ -345,32 +343,56 @@ def record(kernel_path: str, out_path: str, mode: str, *, mem_size: int, cmdline
 
     ``keys``: a terminal to read marker keys from (``m``), or None.
     """
-    image = boot.load_kernel_file(kernel_path)
-    kernel_bytes = Path(kernel_path).read_bytes()
-    epoch = time.time_ns()
-    config = new_config(mode, mode_reason, mem_size, cmdline, epoch, nominal_ps, marker_every_ns,
-                        serial_in is not None)
-    writer = RecordingWriter(out_path, config, os.path.basename(kernel_path), kernel_bytes)
-    sink = LogSink(writer)
-    kw = {"ps_per_instr": nominal_ps} if mode == "exact" else {"cpl3_landmarks": cpl3_landmarks}
-    engine = ENGINES[mode](sink=sink, marker_every_ns=marker_every_ns, **kw)
-    out = SerialHashes(serial_out if serial_out is not None else sys.stdout.buffer)
+    r = _Recorder(kernel_path, out_path, mode, mem_size=mem_size, cmdline=cmdline, serial_in=serial_in,
+                  serial_out=serial_out, marker_every_ns=marker_every_ns, mode_reason=mode_reason,
+                  nominal_ps=nominal_ps, cpl3_landmarks=cpl3_landmarks)
     started = host_monotonic_ns()
+    output = RecordingOutput(r.writer, r.engine, r.sink, r.out, quota=quota, rolling_ns=rolling_ns, warn=warn)
     machine = None
-    output = RecordingOutput(writer, engine, sink, out, quota=quota, rolling_ns=rolling_ns, warn=warn)
     try:
-        machine = Machine(image, mem_size, cmdline, serial_in=serial_in, serial_out=out, warn=warn,
-                          clock=engine.clock, rtc_epoch_ns=epoch, dirty_log=True)
-        engine.attach(machine)
-        install_marker_hypercall(machine, engine)
-        engine.marker_sink = output.on_marker
-        output.start(*engine.initial_marker())
-        return _run_recording(engine, machine, lambda: output, started, timeout=timeout, quota=quota,
+        machine = r.boot(output, serial_in, warn)
+        return _run_recording(r.engine, machine, lambda: output, started, timeout=timeout, quota=quota,
                               keys=keys, warn=warn)
     finally:
         output.writer.close()
         if machine is not None:
             machine.close()
+
+
+class _Recorder:
+    """What a recorder needs before the machine exists: the kernel, its config, log, engine, output."""
+
+    def __init__(self, kernel_path: str, path: str, mode: str, *, mem_size: int, cmdline: str,
+                 serial_in: Optional[BinaryIO], serial_out: Optional[BinaryIO], marker_every_ns: int,
+                 mode_reason: str, nominal_ps: int, cpl3_landmarks: bool, config_extra: Optional[dict] = None):
+        self.image = boot.load_kernel_file(kernel_path)
+        self.kernel_name = os.path.basename(kernel_path)
+        self.kernel_bytes = Path(kernel_path).read_bytes()
+        self.epoch = time.time_ns()
+        self.config = new_config(mode, mode_reason, mem_size, cmdline, self.epoch, nominal_ps, marker_every_ns,
+                                 serial_in is not None)
+        self.config.update(config_extra or {})
+        self.writer = RecordingWriter(path, self.config, self.kernel_name, self.kernel_bytes)
+        self.sink = LogSink(self.writer)
+        kw = {"ps_per_instr": nominal_ps} if mode == "exact" else {"cpl3_landmarks": cpl3_landmarks}
+        self.engine = ENGINES[mode](sink=self.sink, marker_every_ns=marker_every_ns, **kw)
+        self.out = SerialHashes(serial_out if serial_out is not None else sys.stdout.buffer)
+
+    def boot(self, output: "RecordingOutput", serial_in: Optional[BinaryIO],
+             warn: Callable[[str], None]) -> Machine:
+        """The machine, booted and attached, with ``output`` holding the initial marker."""
+        c = self.config
+        machine = Machine(self.image, c["mem_size"], c["cmdline"], serial_in=serial_in, serial_out=self.out,
+                          warn=warn, clock=self.engine.clock, rtc_epoch_ns=self.epoch, dirty_log=True)
+        try:
+            self.engine.attach(machine)
+            install_marker_hypercall(machine, self.engine)
+            self.engine.marker_sink = output.on_marker
+            output.start(*self.engine.initial_marker())
+        except BaseException:
+            machine.close()
+            raise
+        return machine
 
 
 def _run_recording(engine: Engine, machine: Machine, output_of: Callable[[], "RecordingOutput"],
@@ -435,23 +457,29 @@ def seek(engine: Engine, rec: Recording, source: LogSource, position: int) -> in
             return k
 
 
-def resolve_position(rec: Recording, text: str, what: str) -> int:
-    """A position from the user: a number, mN, a marker's name or a label."""
+def resolve_position(rec: Recording, text: str, what: str = "--until") -> int:
+    """A position the user named for option ``what``: a number, mN, or a marker's or label's name.
+
+    Raises ValueError with the message for the user.
+    """
     t = text.strip()
-    if t.isdigit():
-        return int(t)
     if t[:1] in "mM" and t[1:].isdigit():
-        i = int(t[1:])
-        if i < len(rec.markers):
-            return rec.markers[i].meta["position"]
-    for m in rec.markers:
-        if m.meta.get("name") == t:
-            return m.meta["position"]
-    for x in rec.labels:
-        if x["name"] == t:
-            return x["position"]
-    raise ReplayError(f"{what} {text!r}: not a position (a number), a marker (m0..m{len(rec.markers) - 1}) "
-                      "or a marker or label name of this recording (`rrstub info` lists them)")
+        index = int(t[1:])
+        if index >= len(rec.markers):
+            raise ValueError(f"{what} {text}: the recording has markers m0..m{len(rec.markers) - 1}")
+        return rec.markers[index].meta["position"]
+    named = [m.meta["position"] for m in rec.markers if m.meta.get("name") == t]
+    named += [x["position"] for x in rec.labels if x["name"] == t]
+    if named:
+        return named[0]
+    try:
+        value = int(t, 0)
+    except ValueError:
+        raise ValueError(f"{what} {text!r}: give a position (a number), a marker (m0, m1, ...) or a "
+                         "marker or label name (`rrstub info` lists them)") from None
+    if value < 0:
+        raise ValueError(f"{what} {text!r}: positions start at 0")
+    return value
 
 
 def go_live(path: str, at: str, *, out_path: Optional[str] = None, serial_in: Optional[BinaryIO] = None,
@@ -466,31 +494,19 @@ def go_live(path: str, at: str, *, out_path: Optional[str] = None, serial_in: Op
     file that is deleted at the end (the recorder is what runs the guest).
     """
     import tempfile
-    from rrstub.edit import recording_id
+    from rrstub.edit import recording_id, unlink_quietly
     rec = Recording.open(path)
     machine = None
     scratch = None
     try:
-        if rec.recovered:
-            warn(rec.recovery_note)
-        rec.verify()
+        try:
+            position = resolve_position(rec, at, "--go-live")
+        except ValueError as e:
+            raise ReplayError(str(e)) from None
         config = rec.config
         mode = config.get("mode")
-        if mode not in ENGINES:
-            raise ReplayError(f"{path}: unknown recording mode {mode!r}")
-        position = resolve_position(rec, at, "--go-live")
-        source = LogSource(rec)
-        image = open_kernel(rec, kernel_check)
-        kw = {"ps_per_instr": config["ps_per_instr"]} if mode == "exact" else {}
-        engine = ENGINES[mode](source=source, marker_every_ns=config["marker_every_ns"], until=position, **kw)
         out = SerialHashes(serial_out if serial_out is not None else sys.stdout.buffer)
-        machine = Machine(image, config["mem_size"], config["cmdline"], serial_out=out, warn=warn,
-                          clock=engine.clock, rtc_epoch_ns=config["rtc_epoch_ns"], dirty_log=True)
-        engine.attach(machine)
-        install_replay_hypercalls(machine, rec)
-        initial = decode_marker(rec.payload(rec.markers[0]))
-        engine.restore(initial)
-        engine.resume(rec.markers[0].meta.get("resume"))
+        engine, machine, source = _replay_machine(rec, kernel_check, out, warn, until=position)
         seek(engine, rec, source, position)
         outcome = engine.run()
         if outcome.reason != "until":
@@ -527,10 +543,7 @@ def go_live(path: str, at: str, *, out_path: Optional[str] = None, serial_in: Op
             machine.close()
         rec.close()
         if scratch is not None:
-            try:
-                os.unlink(scratch)
-            except OSError:
-                pass
+            unlink_quietly(scratch)
 
 
 class GuestControl:
@@ -615,32 +628,25 @@ def run_guest_controlled(kernel_path: str, out_path: str, mode: str, *, mem_size
     with the run's end).
     """
     import tempfile
-    image = boot.load_kernel_file(kernel_path)
-    kernel_bytes = Path(kernel_path).read_bytes()
-    epoch = time.time_ns()
-    config = new_config(mode, mode_reason, mem_size, cmdline, epoch, nominal_ps, marker_every_ns,
-                        serial_in is not None)
-    config["guest_controlled"] = True
+    from rrstub.edit import unlink_quietly
     fd, scratch_path = tempfile.mkstemp(prefix="rrstub-run-", suffix=".rrr")
     os.close(fd)
-    writer = RecordingWriter(scratch_path, config, os.path.basename(kernel_path), kernel_bytes)
-    sink = LogSink(writer)
-    kw = {"ps_per_instr": nominal_ps} if mode == "exact" else {"cpl3_landmarks": cpl3_landmarks}
-    engine = ENGINES[mode](sink=sink, marker_every_ns=marker_every_ns, **kw)
-    out = SerialHashes(serial_out if serial_out is not None else sys.stdout.buffer)
+    try:
+        r = _Recorder(kernel_path, scratch_path, mode, mem_size=mem_size, cmdline=cmdline, serial_in=serial_in,
+                      serial_out=serial_out, marker_every_ns=marker_every_ns, mode_reason=mode_reason,
+                      nominal_ps=nominal_ps, cpl3_landmarks=cpl3_landmarks,
+                      config_extra={"guest_controlled": True})
+    except BaseException:
+        unlink_quietly(scratch_path)
+        raise
     machine = None
-    scratch = RecordingOutput(writer, engine, sink, out, warn=lambda m: None)
+    scratch = RecordingOutput(r.writer, r.engine, r.sink, r.out, warn=lambda m: None)
     control = None
     try:
-        machine = Machine(image, mem_size, cmdline, serial_in=serial_in, serial_out=out, warn=warn,
-                          clock=engine.clock, rtc_epoch_ns=epoch, dirty_log=True)
-        engine.attach(machine)
-        install_marker_hypercall(machine, engine)
-        engine.marker_sink = scratch.on_marker
-        scratch.start(*engine.initial_marker())
-        control = GuestControl(engine, machine, out, out_path, config, os.path.basename(kernel_path),
-                               kernel_bytes, scratch, warn)
-        result = _run_recording(engine, machine, lambda: control.output, control.started, timeout=timeout,
+        machine = r.boot(scratch, serial_in, warn)
+        control = GuestControl(r.engine, machine, r.out, out_path, r.config, r.kernel_name, r.kernel_bytes,
+                               scratch, warn)
+        result = _run_recording(r.engine, machine, lambda: control.output, control.started, timeout=timeout,
                                 quota=None, keys=None, warn=warn)
         if control.output is not scratch:       # still recording when the run ended
             control.summary = _summary_of(control.output.writer.path)
@@ -651,10 +657,7 @@ def run_guest_controlled(kernel_path: str, out_path: str, mode: str, *, mem_size
         scratch.writer.close()
         if machine is not None:
             machine.close()
-        try:
-            os.unlink(scratch_path)
-        except OSError:
-            pass
+        unlink_quietly(scratch_path)
 
 
 def _summary_of(path: str) -> Optional[dict]:
@@ -799,6 +802,47 @@ def open_kernel(rec: Recording, kernel_check: Optional[str]) -> boot.KernelImage
         raise ReplayError(f"{rec.path}: the kernel inside the recording is unusable: {e}") from None
 
 
+def _replay_machine(rec: Recording, kernel_check: Optional[str], out: HashingStream,
+                    warn: Callable[[str], None], *, until: Optional[int] = None,
+                    speed: Optional[float] = None,
+                    before_restore: Optional[Callable[[Engine], None]] = None
+                    ) -> tuple[Engine, Machine, LogSource]:
+    """The recorded machine in the state of the recording's first marker, ready to replay.
+
+    Returns (engine, machine, source); the caller closes the machine.
+    """
+    if rec.recovered:
+        warn(rec.recovery_note)
+    rec.verify()   # a damaged chunk is an error up front, even one replay would not read
+    config = rec.config
+    mode = config.get("mode")
+    if mode not in ENGINES:
+        raise ReplayError(f"{rec.path}: unknown recording mode {mode!r} (this rrstub knows exact and fast)")
+    image = open_kernel(rec, kernel_check)
+    source = LogSource(rec)
+    kw = {"ps_per_instr": config["ps_per_instr"]} if mode == "exact" else {}
+    engine = ENGINES[mode](source=source, marker_every_ns=config["marker_every_ns"], until=until,
+                           speed=speed, **kw)
+    machine = Machine(image, config["mem_size"], config["cmdline"], serial_out=out, warn=warn,
+                      clock=engine.clock, rtc_epoch_ns=config["rtc_epoch_ns"], dirty_log=True)
+    try:
+        engine.attach(machine)
+        install_replay_hypercalls(machine, rec)
+        if before_restore is not None:
+            before_restore(engine)
+        try:
+            initial = decode_marker(rec.payload(rec.markers[0]))
+        except MarkerError as e:
+            raise ReplayError(f"{rec.path}: the initial marker at byte offset {rec.markers[0].offset} "
+                              f"is unusable: {e}") from None
+        engine.restore(initial)
+        engine.resume(rec.markers[0].meta.get("resume"))
+    except BaseException:
+        machine.close()
+        raise
+    return engine, machine, source
+
+
 def replay(path: str, *, until: Optional[int] = None, speed: Optional[float] = None,
            serial_out: Optional[BinaryIO] = None, kernel_check: Optional[str] = None,
            warn: Callable[[str], None] = lambda m: None, vassert=None,
@@ -810,40 +854,17 @@ def replay(path: str, *, until: Optional[int] = None, speed: Optional[float] = N
     """
     rec = Recording.open(path)
     try:
-        if rec.recovered:
-            warn(rec.recovery_note)
-        rec.verify()   # a damaged chunk is an error up front, even one replay would not read
-        config = rec.config
-        mode = config.get("mode")
-        if mode not in ENGINES:
-            raise ReplayError(f"{path}: unknown recording mode {mode!r} (this rrstub knows exact and fast)")
-        image = open_kernel(rec, kernel_check)
-        source = LogSource(rec)
-        kw = {"ps_per_instr": config["ps_per_instr"]} if mode == "exact" else {}
-        engine = ENGINES[mode](source=source, marker_every_ns=config["marker_every_ns"], until=until,
-                               speed=speed, **kw)
         out = HashingStream(serial_out if serial_out is not None else sys.stdout.buffer)
         started = host_monotonic_ns()
-        machine = Machine(image, config["mem_size"], config["cmdline"], serial_out=out, warn=warn,
-                          clock=engine.clock, rtc_epoch_ns=config["rtc_epoch_ns"], dirty_log=True)
+        engine, machine, source = _replay_machine(
+            rec, kernel_check, out, warn, until=until, speed=speed,
+            before_restore=None if vassert is None else vassert.install)
         try:
-            engine.attach(machine)
-            install_replay_hypercalls(machine, rec)
-            if vassert is not None:
-                vassert.install(engine)
-            try:
-                initial = decode_marker(rec.payload(rec.markers[0]))
-            except MarkerError as e:
-                raise ReplayError(f"{path}: the initial marker at byte offset {rec.markers[0].offset} "
-                                  f"is unusable: {e}") from None
-            engine.restore(initial)
-            engine.resume(rec.markers[0].meta.get("resume"))
             if start is not None:
                 _start_at(engine, rec, source, out, start, until)
-            end = source.end
+            key_reader = _pause_keys(keys, engine, warn)
+            _pace_exact(engine)
             try:
-                key_reader = _pause_keys(keys, engine, warn)
-                _pace_exact(engine)
                 outcome = engine.run()
             except MachineError as e:
                 reason = _REASON_OF.get(type(e), "crash")

@@ -472,16 +472,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def _position(text: Optional[str], option: str, rec) -> Optional[int]:
-    from rrstub.cli import _parse_until
-    try:
-        return _parse_until(text, rec)
-    except ValueError as e:
-        raise ValueError(str(e).replace("--until", option, 1)) from None
-
-
 def cmd_trace(args: argparse.Namespace) -> int:
-    from rrstub.cli import EXIT_KVM_ERROR, EXIT_RECORDING, EXIT_USAGE, _err
+    from rrstub.cli import EXIT_KVM_ERROR, EXIT_RECORDING, EXIT_USAGE, _err, _parse_until
     from rrstub.engines import Divergence, EngineError
     from rrstub.recording import Recording, RecordingError
     from rrstub.replay.timeline import Timeline, TimelineError
@@ -495,8 +487,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
                      "and a trace lists instructions by their position. Record it again with "
                      "`rrstub record --mode exact` to trace it.")
                 return EXIT_USAGE
-            start = _position(args.start, "--from", rec)
-            stop = _position(args.stop, "--to", rec)
+            start = _parse_until(args.start, rec, "--from")
+            stop = _parse_until(args.stop, rec, "--to")
     except RecordingError as e:
         _err(str(e))
         return EXIT_RECORDING
