@@ -58,9 +58,10 @@ step rrstub serve "$EXACT" --port 0 --clients 1 "  # and gdb, with examples/gdb/
 $RRSTUB serve "$EXACT" --port 0 --clients 1 --serial-out /dev/null 2>"$SERVE_LOG" &
 SERVER=$!
 PORT=
-for _ in $(seq 100); do
+for _ in $(seq 600); do     # up to a minute: a busy host starts Python slowly
     PORT=$(sed -n 's/.*waiting for gdb on [^ ]*:\([0-9]*\) .*/\1/p' "$SERVE_LOG")
     [ -n "$PORT" ] && break
+    kill -0 $SERVER 2>/dev/null || break
     sleep 0.1
 done
 if [ -z "$PORT" ]; then

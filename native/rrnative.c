@@ -340,8 +340,8 @@ static int fetch(struct rr_step_ctl *c)
     return (int)got;
 }
 
-/* A superset filter: true for every instruction the engine emulates or must watch. */
-static int maybe_special(const uint8_t *b, uint32_t n, int long_mode)
+/* The index of the first byte after any legacy and REX prefixes. */
+static uint32_t skip_prefixes(const uint8_t *b, uint32_t n, int long_mode)
 {
     uint32_t i = 0;
     while (i < n) {
@@ -353,6 +353,13 @@ static int maybe_special(const uint8_t *b, uint32_t n, int long_mode)
         else
             break;
     }
+    return i;
+}
+
+/* A superset filter: true for every instruction the engine emulates or must watch. */
+static int maybe_special(const uint8_t *b, uint32_t n, int long_mode)
+{
+    uint32_t i = skip_prefixes(b, n, long_mode);
     if (i >= n)
         return 0;
     if (b[i] == 0xF4)                       /* hlt */
@@ -383,6 +390,195 @@ static int set_debug(int fd, uint32_t control, uint64_t dr0, uint64_t dr7)
     dbg.arch.debugreg[0] = dr0;
     dbg.arch.debugreg[7] = dr7;
     return ioctl(fd, KVM_SET_GUEST_DEBUG, &dbg) < 0 ? -errno : 0;
+}
+
+
+#define RR_NEVER_RIP 0xDEAD000000000000ull
+#define CR0_PE 1ull
+
+/*
+ * Guest debugging: single-step, plus an execution breakpoint at each nonzero
+ * dr[i].  Set with RIP at a non-canonical address no guest code can be at:
+ * KVM puts RFLAGS.TF into the guest's real flags while RIP equals the RIP
+ * it was armed at, and the guest could then see TF in an interrupt frame
+ * or a pushf, depending on where a run was last started.
+ */
+static int arm_debug(int fd, const uint64_t dr[4])
+{
+    struct kvm_regs regs;
+    if (ioctl(fd, KVM_GET_REGS, &regs) < 0)
+        return -errno;
+    uint64_t rip = regs.rip;
+    regs.rip = RR_NEVER_RIP;
+    if (ioctl(fd, KVM_SET_REGS, &regs) < 0)
+        return -errno;
+    struct kvm_guest_debug dbg;
+    memset(&dbg, 0, sizeof dbg);
+    dbg.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
+    for (int i = 0; i < 4; i++) {
+        if (!dr[i])
+            continue;
+        dbg.control |= KVM_GUESTDBG_USE_HW_BP;
+        dbg.arch.debugreg[i] = dr[i];
+        dbg.arch.debugreg[7] |= 1ull << (2 * i);   /* Li: enabled, execute, length 1 */
+    }
+    int r = ioctl(fd, KVM_SET_GUEST_DEBUG, &dbg) < 0 ? -errno : 0;
+    regs.rip = rip;
+    if (ioctl(fd, KVM_SET_REGS, &regs) < 0)
+        return -errno;
+    return r;
+}
+
+/* Arm plain single-stepping (the state rr_step expects when a run starts). */
+int rr_step_arm(int vcpu_fd, struct rr_step_ctl *c)
+{
+    memset(c->armed, 0, sizeof c->armed);
+    return arm_debug(vcpu_fd, c->armed);
+}
+
+/* Arm dr[] unless it is what is armed already. */
+static int arm_if_changed(int fd, struct rr_step_ctl *c, const uint64_t dr[4])
+{
+    if (memcmp(dr, c->armed, sizeof c->armed) == 0)
+        return 0;
+    int r = arm_debug(fd, dr);
+    if (r == 0)
+        memcpy(c->armed, dr, sizeof c->armed);
+    return r;
+}
+
+/* Read n <= 8 bytes at linear address la: 0, or -1 when a byte of it is not mapped. */
+static int read_linear(const struct rr_step_ctl *c, uint64_t la, uint32_t n, uint64_t *value)
+{
+    uint8_t b[8];
+    uint32_t got = 0;
+    while (got < n) {
+        uint64_t pa;
+        if (fetch_translate(c, la + got, &pa) != 0)
+            return -1;
+        uint32_t run = 4096 - ((la + got) & 0xfff);
+        if (run > n - got)
+            run = n - got;
+        if (pa + run > c->mem_size)
+            return -1;
+        memcpy(b + got, c->mem + pa, run);
+        got += run;
+    }
+    *value = 0;
+    memcpy(value, b, n);
+    return 0;
+}
+
+/* The linear address of interrupt `vector`'s handler, from the IDT; 0 when it cannot be read. */
+static uint64_t handler_entry(const struct rr_step_ctl *c, uint32_t vector)
+{
+    uint64_t lo, hi;
+    if (!(c->cr0 & CR0_PE)) {
+        if (4 * vector + 3 > c->idt_limit || read_linear(c, c->idt_base + 4 * vector, 4, &lo) < 0)
+            return 0;
+        return ((lo >> 16) << 4) + (lo & 0xffff);
+    }
+    if (c->efer & EFER_LMA) {
+        if (16 * vector + 15 > c->idt_limit || read_linear(c, c->idt_base + 16 * vector, 8, &lo) < 0 ||
+            read_linear(c, c->idt_base + 16 * vector + 8, 4, &hi) < 0)
+            return 0;
+        return (lo & 0xffff) | ((lo >> 48) << 16) | (hi << 32);
+    }
+    if (8 * vector + 7 > c->idt_limit || read_linear(c, c->idt_base + 8 * vector, 8, &lo) < 0)
+        return 0;
+    return (lo & 0xffff) | ((lo >> 48) << 16);   /* flat 32-bit code segments */
+}
+
+/* After lidt: the IDT the guest now uses. */
+static int reload_idt(int fd, struct rr_step_ctl *c)
+{
+    struct kvm_sregs s;
+    if (ioctl(fd, KVM_GET_SREGS, &s) < 0)
+        return -errno;
+    c->idt_base = s.idt.base;
+    c->idt_limit = s.idt.limit;
+    return 0;
+}
+
+/* lidt (0F 01 /3, memory operand), after any prefixes. */
+static int is_lidt(const uint8_t *b, uint32_t n, int long_mode)
+{
+    uint32_t i = skip_prefixes(b, n, long_mode);
+    return i + 2 < n && b[i] == 0x0F && b[i + 1] == 0x01 && ((b[i + 2] >> 3) & 7) == 3 && (b[i + 2] >> 6) != 3;
+}
+
+#define MSR_LSTAR 0xC0000082u
+
+/* Exceptions a kernel takes in normal work (#UD, #GP, #PF), whose handlers stay
+ * armed as landings: a step whose instruction faults stops at the handler. */
+static const uint32_t fault_vectors[3] = {6, 13, 14};
+
+static int read_msr(int fd, uint32_t index, uint64_t *value)
+{
+    struct {
+        struct kvm_msrs hdr;
+        struct kvm_msr_entry entry;
+    } m;
+    memset(&m, 0, sizeof m);
+    m.hdr.nmsrs = 1;
+    m.entry.index = index;
+    if (ioctl(fd, KVM_GET_MSRS, &m) != 1)
+        return -1;
+    *value = m.entry.data;
+    return 0;
+}
+
+/*
+ * The landing of the instruction in insn[]: where an instruction that moves
+ * control by an event (iret, int n, int3, int1, syscall, sysret) continues,
+ * read from the state before it runs; 0 for any other instruction or when it
+ * cannot be known.  Long mode only (the protected-mode forms need segment
+ * bases this loop does not track).
+ */
+static uint64_t landing_of(int fd, const struct rr_step_ctl *c, uint32_t n)
+{
+    if (!c->long_mode)
+        return 0;
+    uint32_t i = 0, size = 4, rex_w = 0;
+    while (i < n && (c->insn[i] == 0x66 || (c->insn[i] & 0xF0) == 0x40)) {
+        if (c->insn[i] == 0x66)
+            size = 2;
+        else if (c->insn[i] & 8)
+            rex_w = 1;
+        i++;
+    }
+    if (rex_w)
+        size = 8;
+    if (i >= n)
+        return 0;
+    uint8_t op = c->insn[i];
+    uint64_t target = 0;
+    struct kvm_regs regs;
+    switch (op) {
+    case 0xCF:                                  /* iret: the rip on top of the stack */
+        if (ioctl(fd, KVM_GET_REGS, &regs) < 0 || read_linear(c, regs.rsp, size, &target) < 0)
+            return 0;
+        return target;
+    case 0xCC:                                  /* int3 */
+        return handler_entry(c, 3);
+    case 0xF1:                                  /* int1 */
+        return handler_entry(c, 1);
+    case 0xCD:                                  /* int n */
+        return i + 1 < n ? handler_entry(c, c->insn[i + 1]) : 0;
+    case 0x0F:
+        if (i + 1 >= n)
+            return 0;
+        if (c->insn[i + 1] == 0x05)             /* syscall */
+            return read_msr(fd, MSR_LSTAR, &target) < 0 ? 0 : target;
+        if (c->insn[i + 1] == 0x07) {           /* sysret: to rcx */
+            if (ioctl(fd, KVM_GET_REGS, &regs) < 0)
+                return 0;
+            return rex_w ? regs.rcx : (regs.rcx & 0xFFFFFFFFull);
+        }
+        return 0;
+    default:
+        return 0;
+    }
 }
 
 /* Finish any I/O or MMIO the last exit left pending, without running guest
@@ -485,10 +681,12 @@ int rr_step(int vcpu_fd, void *run_area, struct rr_step_ctl *c, struct rr_exit *
             c->reason = RR_STEP_BREAK;
             return 0;
         }
+        int fetched = 0;
         if (c->flags & RR_STEP_NO_CHECK_ONCE) {
             c->flags &= ~RR_STEP_NO_CHECK_ONCE;
         } else {
             int got = fetch(c);
+            fetched = got;
             if (got == -2) {
                 c->reason = RR_STEP_NOFETCH;
                 return 0;
@@ -499,16 +697,37 @@ int rr_step(int vcpu_fd, void *run_area, struct rr_step_ctl *c, struct rr_exit *
             }
         }
         c->flags &= ~RR_STEP_SKIP_BREAK;
+        uint64_t want[4] = {0, 0, 0, 0};
+        if (c->flags & RR_STEP_LANDINGS) {
+            if (c->deliver_vector)
+                want[0] = handler_entry(c, c->deliver_vector - 1);
+            else if (fetched > 0 && (want[0] = landing_of(vcpu_fd, c, (uint32_t)fetched)) == c->rip)
+                want[0] = 0;
+            for (int i = 0; i < 3; i++) {
+                uint64_t h = handler_entry(c, fault_vectors[i]);
+                want[i + 1] = h == c->rip ? 0 : h;   /* RF is ignored here: never arm where we stand */
+            }
+        }
+        r = arm_if_changed(vcpu_fd, c, want);
+        if (r < 0)
+            return r;
         r = run_once(vcpu_fd, run, ex);
         if (r < 0)
             return r;
         if (r == RUN_KICKED) {
-            c->reason = RR_STEP_KICK;
+            c->reason = RR_STEP_KICK;   /* nothing ran: an interrupt to deliver is still queued */
             return 0;
         }
+        c->deliver_vector = 0;
         if (run->exit_reason == KVM_EXIT_DEBUG) {
             c->icount++;
             c->rip = run->debug.arch.pc;
+            if (want[0] && (c->rip == want[0] || c->rip == want[1] || c->rip == want[2] || c->rip == want[3]))
+                c->landings++;
+            else if (want[0])
+                c->landings_missed++;
+            if (fetched > 0 && is_lidt(c->insn, (uint32_t)fetched, c->long_mode) && (r = reload_idt(vcpu_fd, c)) < 0)
+                return r;
             continue;
         }
         decode_exit(run, ex);

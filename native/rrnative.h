@@ -47,6 +47,7 @@ struct rr_exit {
 #define RR_STEP_NO_CHECK_ONCE 2u  /* step the next instruction without looking at it */
 #define RR_STEP_COMPLETE      4u  /* finish the instruction whose exit was just handled */
 #define RR_STEP_SKIP_BREAK    8u  /* do not stop at a breakpoint before the next step */
+#define RR_STEP_LANDINGS     16u  /* stays set: stop steps that transfer control by an event at their landing */
 
 /* A watched guest-physical range (within one page) and the bytes it held. */
 struct rr_watch {
@@ -73,6 +74,12 @@ struct rr_step_ctl {
     uint32_t nwatches;
     const struct rr_watch *watches;  /* in: ranges compared before every step (RR_STEP_WATCH) */
     uint32_t hit;           /* out: the index in watches[] that changed */
+    uint32_t deliver_vector;/* in: vector + 1 of the interrupt the next step delivers (0: none; LANDINGS only) */
+    uint64_t landings;      /* out: steps that stopped at their landing (see rr_step), counted */
+    uint64_t landings_missed; /* out: landing steps that did not stop there (KVM ran on past it) */
+    uint64_t idt_base;      /* in: the IDT (kept current across lidt by rr_step) */
+    uint32_t idt_limit;
+    uint64_t armed[4];      /* the execution breakpoints armed now (rr_step_arm clears them) */
 };
 
 /* rr_run_to_regs results */
@@ -94,6 +101,7 @@ void rr_set_mmio_data(void *run_area, const uint8_t *data, uint32_t len);
 void rr_set_request_interrupt_window(void *run_area, int on);
 int rr_step(int vcpu_fd, void *run_area, struct rr_step_ctl *c, struct rr_exit *ex);
 int rr_settle(int vcpu_fd, void *run_area, struct rr_exit *ex);
+int rr_step_arm(int vcpu_fd, struct rr_step_ctl *c);
 int rr_run_to_regs(int vcpu_fd, void *run_area, const void *want_regs, int step_over_first,
                    uint64_t *hits, struct rr_exit *ex);
 #endif

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import signal
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from rrstub import __version__
 
@@ -18,6 +20,7 @@ EXIT_USAGE = 2
 EXIT_NO_KVM = 3
 EXIT_KVM_ERROR = 70
 EXIT_RECORDING = 2   # the recording file is unusable
+EXIT_DISK_FULL = 74  # a recording stopped because the disk (or the user's quota) is full, as EX_IOERR
 
 RUN_EPILOG = """\
 exit status:
@@ -29,7 +32,9 @@ exit status:
          emulate; a register dump and the last exits are printed (also: a KVM
          call failed)
   71     the guest halted with no way to wake up
+  74     --allow-guest-record: the disk (or quota) filled up; -o REC keeps what was written
   124    the guest was still running at --timeout
+  130    Ctrl-C; 143 SIGTERM
 
 examples:
   rrstub run examples/build/hello.elf
@@ -45,22 +50,63 @@ what one port-I/O exit costs. Record/replay picks its engine from these facts.
 """
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text!r}")
-    return v
+def _bounded(what: str, low: float, high: float, parse: Callable = float, words: Optional[dict] = None):
+    """The one argparse type for numeric options: a finite number from ``low`` to ``high``.
+
+    ``parse`` reads the text (float, int, a size); ``words`` are named values
+    (``--speed max``).  Every error is one line naming the input and the range.
+    """
+    words = words or {}
+    span = f"{what} from {_plain(low)} to {_plain(high)}"
+
+    def check(text: str):
+        if text in words:
+            return words[text]
+        try:
+            value = parse(text)
+        except ValueError:
+            value = None
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            named = f"{', '.join(words)} or " if words else ""
+            kind = "a size (e.g. 64M, 1G, 131072)" if what == "a size" else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}: give {named}{span}")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give {span}")
+        return value
+    return check
 
 
-def _size(text: str) -> int:
+def _plain(v: float) -> str:
+    """A bound as a user types it: 0.0001, 100000000, 64K, 3G."""
+    if isinstance(v, int) and v >= 1 << 10 and v % (1 << 10) == 0:
+        for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+            if v % (1 << shift) == 0:
+                return f"{v >> shift}{unit}"
+    return f"{v:f}".rstrip("0").rstrip(".") if isinstance(v, float) else str(v)
+
+
+def _size_of(text: str) -> int:
     from vmm.memory import parse_size
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    return parse_size(text)
+
+
+def _guest_mem(text: str) -> int:
+    from vmm.memory import MAX_MEM, MIN_MEM, PAGE_SIZE
+    size = _bounded("a size", MIN_MEM, MAX_MEM, _size_of)(text)
+    if size % PAGE_SIZE:
+        raise argparse.ArgumentTypeError(f"{text}: guest memory is a whole number of 4 KiB pages")
+    return size
+
+
+# The ranges of the numeric options: wide enough for any real use, narrow
+# enough that no value overflows a clock or turns a feature off unseen.
+MAX_SECONDS = 100_000_000.0     # about three years
+_seconds = _bounded("seconds", 0.001, MAX_SECONDS)
+_marker_every = _bounded("seconds", 0.0001, MAX_SECONDS)
+_rolling = _bounded("seconds", 0.001, MAX_SECONDS)      # a marker every quarter of it stays >= 0.0001 s
+_quota = _bounded("a size", 64 << 10, 1 << 50, _size_of)  # 64K holds a small recording; 1 PiB is no limit
+_speed = _bounded("a factor", 0.001, 1_000_000.0, words={"max": None, "realtime": 1.0})
+_clients = _bounded("a number of sessions", 1, 1_000_000, int)
 
 
 RECORD_EPILOG = """\
@@ -92,13 +138,18 @@ disk quota and rolling:
   --rolling with --quota  also drops the oldest part when the file nears SIZE
 
 exit status: as `rrstub run` (the guest's own status, 70 crash, 71 hung,
-124 --timeout, 130 Ctrl-C), and 75 when --quota stopped the recording. The recording is complete in every case: replay
-reproduces the crash, the hang, or the run up to the timeout.
+124 --timeout, 130 Ctrl-C, 143 SIGTERM), and 75 when --quota stopped the
+recording. The recording is complete in every case: replay reproduces the
+crash, the hang, or the run up to the timeout or the signal. Also:
+  2   bad arguments, or an output that cannot be a recording or is not ours:
+      REC must be a new file, an empty one, or (with --force) a recording
+  74  the disk (or the user's disk quota) filled up: the message says where;
+      REC is an incomplete recording that replays up to its last complete chunk
 
 examples:
   rrstub record examples/build/race.elf -o race.rrr
   rrstub record examples/build/ticks.elf -o ticks.rrr --mode exact
-  printf 'hi\\n' | rrstub record examples/build/echo.elf --serial-in - -o echo.rrr
+  printf 'hi\\nquit\\n' | rrstub record examples/build/echo.elf --serial-in - -o echo.rrr
 """
 
 REPLAY_EPILOG = """\
@@ -106,9 +157,11 @@ Replay needs no input: serial input, clock values and interrupt timing all
 come from the recording, and the kernel image is inside it.
 
 exit status:
-  the guest's recorded exit status (and 70/71/124/130 as recorded) when the
-  replay matched the recording to its end
+  the guest's recorded exit status (and 70/71/124/130/143 as recorded) when
+  the replay matched the recording to its end
+  130  Ctrl-C; 143 SIGTERM (stops the replay the same way)
   0    stopped at --until
+  74   --go-live -o: the disk (or quota) filled up while recording the branch
   65   the recording is incomplete (its recorder was killed): replayed up to the
        last complete chunk
   66   replay diverged from the recording (a report says where and what)
@@ -165,6 +218,7 @@ exit status:
   2  bad arguments, an unusable recording, or markers that do not exist or are
      out of order (the message lists the markers there are)
   66 the crop was written but did not verify (please report it: a bug)
+  74 the disk (or quota) filled up while writing it (nothing is left at OUT)
 
 examples:
   rrstub info race.rrr                         # markers m0, m1, ...
@@ -173,22 +227,15 @@ examples:
 """
 
 
-def _speed(text: str) -> Optional[float]:
-    if text == "max":
-        return None
-    if text == "realtime":
-        return 1.0
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"speed must be max, realtime or a factor like 2 or 0.5, not {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"speed factor must be more than 0, not {text!r}")
-    return v
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in one line, like every other rrstub error (the usage is in --help)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="rrstub",
         description="rrstub runs guest kernels on KVM with fully userspace, deterministic devices "
                     "(the base for recording, replaying and reverse-debugging them).",
@@ -206,14 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "exit status to port 0xf4 (see examples/include/rrstub_machine.h).",
         epilog=RUN_EPILOG)
     run.add_argument("kernel", metavar="KERNEL", help="ELF64 x86-64 kernel image, e.g. examples/build/hello.elf")
-    run.add_argument("--mem", type=_size, default="64M", metavar="SIZE",
+    run.add_argument("--mem", type=_guest_mem, default="64M", metavar="SIZE",
                      help="guest RAM, e.g. 64M or 1G (default 64M)")
     run.add_argument("--serial-in", metavar="PATH|-",
                      help="bytes for the guest's UART to receive: a file, a named pipe, or - for "
                           "standard input (default: none)")
     run.add_argument("--serial-out", metavar="PATH",
                      help="write the guest's UART output to this file instead of standard output")
-    run.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
+    run.add_argument("--timeout", type=_seconds, metavar="SECONDS",
                      help="stop with status 124 and a register dump if the guest still runs after "
                           "this many seconds")
     run.add_argument("--cmdline", default="", metavar="TEXT",
@@ -223,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "port (RRSTUB_HC_RECORD_START/STOP); the run is then driven by a recorder "
                           "(--mode) from the start")
     run.add_argument("-o", "--output", metavar="REC", help="with --allow-guest-record: the recording")
+    run.add_argument("--force", action="store_true", help="replace REC if it is an existing recording")
     run.add_argument("--mode", choices=("auto", "exact", "fast"), default="auto",
                      help="with --allow-guest-record: the recording engine (default auto)")
     run.add_argument("-q", "--quiet", action="store_true",
@@ -234,22 +282,25 @@ def build_parser() -> argparse.ArgumentParser:
                     "self-contained file that `rrstub replay` reproduces exactly, on this or another machine.",
         epilog=RECORD_EPILOG)
     rec.add_argument("kernel", metavar="KERNEL", help="ELF64 x86-64 kernel image")
-    rec.add_argument("-o", "--output", required=True, metavar="REC", help="the recording file to write")
+    rec.add_argument("-o", "--output", required=True, metavar="REC",
+                     help="the recording file to write: a new file (an existing one only if it is a "
+                          "recording and --force is given)")
+    rec.add_argument("--force", action="store_true", help="replace REC if it is an existing recording")
     rec.add_argument("--mode", choices=("auto", "exact", "fast"), default="auto",
                      help="recording engine (default auto; see below)")
-    rec.add_argument("--marker-every", type=_positive_float, default=1.0, metavar="SECONDS",
+    rec.add_argument("--marker-every", type=_marker_every, default=1.0, metavar="SECONDS",
                      help="take a marker every SECONDS of guest time (default 1)")
     rec.add_argument("--no-markers", action="store_true", help="only the initial marker")
-    rec.add_argument("--mem", type=_size, default="64M", metavar="SIZE", help="guest RAM (default 64M)")
+    rec.add_argument("--mem", type=_guest_mem, default="64M", metavar="SIZE", help="guest RAM (default 64M)")
     rec.add_argument("--serial-in", metavar="PATH|-", help="bytes for the guest's UART, as for `run`")
     rec.add_argument("--serial-out", metavar="PATH", help="write the guest's UART output to this file")
-    rec.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
+    rec.add_argument("--timeout", type=_seconds, metavar="SECONDS",
                      help="stop recording after this many seconds (status 124); the recording is kept")
     rec.add_argument("--cmdline", default="", metavar="TEXT", help="kernel command line")
-    rec.add_argument("--quota", type=_size, metavar="SIZE",
+    rec.add_argument("--quota", type=_quota, metavar="SIZE",
                      help="keep the file under SIZE (e.g. 50M): recording stops there (status 75), "
                           "or with --rolling the oldest part is dropped")
-    rec.add_argument("--rolling", type=_positive_float, metavar="SECONDS",
+    rec.add_argument("--rolling", type=_rolling, metavar="SECONDS",
                      help="keep only about the last SECONDS of guest time (at least that, at most "
                           "1.5x), by restarting the recording at a later marker")
     rec.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
@@ -287,9 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "replaying and run on live from that exact state, serial on this terminal")
     rep.add_argument("-o", "--output", metavar="BRANCH",
                      help="with --go-live: record the live run as BRANCH, a recording whose parent is REC")
+    rep.add_argument("--force", action="store_true",
+                     help="with --go-live -o: replace BRANCH if it is an existing recording")
     rep.add_argument("--serial-in", metavar="PATH|-",
                      help="with --go-live: bytes for the guest's UART once live (as for `rrstub run`)")
-    rep.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
+    rep.add_argument("--timeout", type=_seconds, metavar="SECONDS",
                      help="with --go-live: stop the live run after this many seconds (status 124)")
     rep.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
 
@@ -299,19 +352,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a recording to gdb as a remote target. gdb connects with `target remote "
                     "HOST:PORT` and debugs the recorded run as if it were live: breakpoints, "
                     "watchpoints, step and continue, and backwards with reverse-stepi, "
-                    "reverse-continue, reverse-next and reverse-finish. The recording is never "
-                    "changed: register and memory writes are refused. One gdb at a time; when it "
-                    "detaches, the next one finds the recording where the last one left it.",
+                    "reverse-continue, reverse-next and reverse-finish. Register and memory writes "
+                    "are refused: the replay must match the recording. The only thing ever written "
+                    "into the recording is a label: `monitor marker add NAME` names the current "
+                    "position in its index (the recorded run is not changed; `rrstub info` lists "
+                    "labels). gdb started without a file gets the recorded kernel from the server. "
+                    "One gdb at a time: another one that connects meanwhile is told so and "
+                    "disconnected, and a connection that sends no packet within 10 s is closed; "
+                    "when a gdb detaches, the next one finds the recording where it was left.",
         epilog=SERVE_EPILOG)
     srv.add_argument("recording", metavar="REC", help="a file written by `rrstub record --mode exact`")
     srv.add_argument("--host", default="127.0.0.1",
-                     help="address to listen on (default 127.0.0.1; 0.0.0.0 lets other machines in)")
+                     help="address to listen on (default 127.0.0.1; ::1 for IPv6; any other address, "
+                          "such as 0.0.0.0 for every interface, lets whoever can reach it read the "
+                          "guest's memory, and serve warns)")
     srv.add_argument("--port", type=int, default=1234, help="TCP port (default 1234; 0 picks a free one)")
     srv.add_argument("--kernel", metavar="PATH",
                      help="check that PATH is the kernel the recording was made with")
     srv.add_argument("--serial-out", metavar="PATH",
                      help="write the guest's UART output here (default: stdout), once per position")
-    srv.add_argument("--clients", type=int, default=None, metavar="N",
+    srv.add_argument("--clients", type=_clients, default=None, metavar="N",
                      help="exit after N gdb sessions (default: serve until Ctrl-C)")
 
     from rrstub import trace
@@ -331,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="first marker: mN, a marker's name, or its position (`rrstub info` lists them)")
     crp.add_argument("--to", dest="stop", required=True, metavar="MARKER", help="last marker, after --from")
     crp.add_argument("-o", "--output", required=True, metavar="OUT", help="the new recording")
+    crp.add_argument("--force", action="store_true", help="replace OUT if it is an existing recording")
     crp.add_argument("--no-verify", action="store_true",
                      help="do not replay the cropped recording to check it (checking needs KVM)")
     crp.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
@@ -347,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("recording", metavar="REC")
     inf.add_argument("--json", action="store_true", help="print as JSON")
     inf.add_argument("--verify", action="store_true", help="read the whole file and check every checksum")
+    inf.add_argument("--kernel-out", metavar="FILE",
+                     help="also write the kernel embedded in the recording to FILE (for gdb's symbols)")
 
     doc = sub.add_parser("doctor", help="probe what this host's KVM can do",
                          description="Probe /dev/kvm live and print what this host supports.",
@@ -396,6 +459,9 @@ def _cmd_run_guest_record(args: argparse.Namespace) -> int:
         _err("--allow-guest-record and -o REC go together: the guest decides when to record, "
              "into REC (`rrstub record` records a whole run)")
         return EXIT_USAGE
+    refused = _output_refused(args.output, args.force)
+    if refused is not None:
+        return refused
     chosen = _recorder_mode(args)
     if isinstance(chosen, int):
         return chosen
@@ -415,8 +481,7 @@ def _cmd_run_guest_record(args: argparse.Namespace) -> int:
         _err(str(e))
         return EXIT_USAGE
     except RecordingError as e:
-        _err(str(e))
-        return EXIT_RECORDING
+        return _write_failed(e)
     finally:
         _close_streams(serial_in, serial_out)
     if not args.quiet:
@@ -486,12 +551,37 @@ def _close_streams(*streams) -> None:
             f.close()
 
 
+def _output_refused(path: str, force: bool) -> Optional[int]:
+    """Check a new recording's -o before anything runs: None, or the exit status of a refusal."""
+    from rrstub.recording import RecordingError, check_output
+    try:
+        check_output(path, force=force)
+    except RecordingError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    return None
+
+
+def _write_failed(e) -> int:
+    """A RecordingError while recording: its message, and 74 when the disk (or quota) is full."""
+    _err(str(e))
+    if not e.disk_full:
+        return EXIT_RECORDING
+    _err(f"the disk is full: recording stopped; {e.path} keeps every chunk written before "
+         f"(`rrstub info {e.path}` shows how far it replays). Free some space, or bound the file "
+         "with --quota or --rolling.")
+    return EXIT_DISK_FULL
+
+
 def cmd_record(args: argparse.Namespace) -> int:
     from rrstub.recording import RecordingError
     from rrstub.session import exit_status, record
     from vmm import boot
     from vmm.memory import GuestMemoryError
 
+    refused = _output_refused(args.output, args.force)
+    if refused is not None:
+        return refused
     chosen = _recorder_mode(args)
     if isinstance(chosen, int):
         return chosen
@@ -513,9 +603,6 @@ def cmd_record(args: argparse.Namespace) -> int:
             if not args.quiet:
                 _err(f"--rolling {args.rolling:g}: taking a marker every {marker_every:g} s of guest "
                      "time (a quarter of the window) so that old parts can be dropped")
-    if args.quota is not None and args.quota < 64 << 10:
-        _err(f"--quota {args.quota}: too small to hold a recording; give at least 64K")
-        return EXIT_USAGE
     keys = sys.stdin if args.serial_in != "-" and sys.stdin is not None and sys.stdin.isatty() else None
     try:
         result = record(args.kernel, args.output, mode, mem_size=args.mem, cmdline=args.cmdline,
@@ -529,8 +616,7 @@ def cmd_record(args: argparse.Namespace) -> int:
         _err(str(e))
         return EXIT_USAGE
     except RecordingError as e:
-        _err(str(e))
-        return EXIT_RECORDING
+        return _write_failed(e)
     finally:
         _close_streams(serial_in, serial_out)
     o = result.outcome
@@ -556,11 +642,17 @@ def _parse_until(text: Optional[str], rec, what: str = "--until") -> Optional[in
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from rrstub.gdbproto.server import serve, stderr_log
+    from rrstub.gdbproto.server import check_port, connect_hint, exposure_warning, serve, stderr_log
     from rrstub.recording import RecordingError
     from rrstub.replay.timeline import Timeline, TimelineError
 
     log = stderr_log()
+    try:
+        check_port(args.port)
+        exposure = exposure_warning(args.host, args.port)
+    except ValueError as e:
+        _err(f"--host/--port: {e}")
+        return EXIT_USAGE
     serial_out = None
     try:
         serial_out = open(args.serial_out, "wb") if args.serial_out else sys.stdout.buffer
@@ -576,8 +668,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_RECORDING
     try:
         def ready(port: int) -> None:
+            if exposure:
+                log(f"warning: {exposure_warning(args.host, port)}")
             log(f"{args.recording}: instructions 0..{timeline.last}; waiting for gdb on "
-                f"{args.host}:{port} (in gdb: target remote {args.host}:{port})")
+                f"{args.host}:{port} (in gdb: {connect_hint(args.host, port)})")
         serve(timeline, args.host, args.port, log=log, ready=ready, clients=args.clients)
     except OSError as e:
         _err(str(e))
@@ -702,6 +796,10 @@ def _cmd_go_live(args: argparse.Namespace) -> int:
     if args.output and os.path.abspath(args.output) == os.path.abspath(args.recording):
         _err(f"-o {args.output}: the branch needs its own file; {args.recording} is its parent")
         return EXIT_USAGE
+    if args.output:
+        refused = _output_refused(args.output, args.force)
+        if refused is not None:
+            return refused
     try:
         serial_in, serial_out = _open_streams(args.serial_in, args.serial_out)
     except OSError as e:
@@ -712,7 +810,9 @@ def _cmd_go_live(args: argparse.Namespace) -> int:
         result = go_live(args.recording, args.go_live, out_path=args.output, serial_in=serial_in,
                          serial_out=serial_out, timeout=args.timeout, kernel_check=args.kernel,
                          keys=keys, warn=_err)
-    except (RecordingError, ReplayError) as e:
+    except RecordingError as e:
+        return _write_failed(e)
+    except ReplayError as e:
         _err(str(e))
         return EXIT_RECORDING
     except Divergence as e:
@@ -735,15 +835,21 @@ def _cmd_go_live(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from rrstub.info import describe, format_info
+    from rrstub.info import describe, format_info, write_kernel
     from rrstub.recording import RecordingError
 
     try:
         info = describe(args.recording, verify=args.verify)
+        wrote = write_kernel(args.recording, args.kernel_out) if args.kernel_out else None
     except RecordingError as e:
         _err(str(e))
         return EXIT_RECORDING
+    except OSError as e:
+        _err(f"--kernel-out: cannot write {e.filename}: {e.strerror}")
+        return EXIT_USAGE
     print(json.dumps(info, indent=2) if args.json else format_info(info))
+    if wrote:
+        _err(wrote)
     return 0
 
 
@@ -753,8 +859,14 @@ def cmd_crop(args: argparse.Namespace) -> int:
 
     progress = (lambda m: None) if args.quiet else (lambda m: _err(m))
     try:
-        done = crop(args.recording, args.output, args.start, args.stop, progress=progress)
-    except (EditError, RecordingError) as e:
+        done = crop(args.recording, args.output, args.start, args.stop, progress=progress, force=args.force)
+    except RecordingError as e:
+        if e.disk_full:
+            _err(f"cannot write {args.output}: the disk is full (nothing was left there): {e}")
+            return EXIT_DISK_FULL
+        _err(str(e))
+        return EXIT_RECORDING
+    except EditError as e:
         _err(str(e))
         return EXIT_RECORDING
     except OSError as e:
@@ -817,6 +929,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    previous_term = _sigterm_as_interrupt()
     try:
         return {"run": cmd_run, "doctor": cmd_doctor, "record": cmd_record, "replay": cmd_replay,
                 "info": cmd_info, "serve": cmd_serve, "trace": cmd_trace,
@@ -830,14 +943,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ProbeFailed as e:
         _err(f"doctor: {e}")
         return EXIT_KVM_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        from rrstub.session import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated
+        if isinstance(e, Terminated):
+            _err("terminated (SIGTERM)")
+            return EXIT_TERMINATED
         _err("interrupted")
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader of our output went away (`| head`): stop quietly.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM stops a command the way Ctrl-C does (a recording is finished, not cut).
+
+    Returns the handler it replaced, or None when it could not install one
+    (``main`` called from a thread other than the main one).
+    """
+    from rrstub.session import Terminated
+    try:
+        return signal.signal(signal.SIGTERM, Terminated.handler)
+    except ValueError:
+        return None
 
 
 if __name__ == "__main__":

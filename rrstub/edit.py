@@ -33,7 +33,7 @@ from typing import Callable, Optional
 
 from rrstub import events as ev
 from rrstub.markers import MarkerError, decode_marker, encode_marker
-from rrstub.recording import ChunkKind, Recording, RecordingWriter
+from rrstub.recording import ChunkKind, Recording, RecordingWriter, check_output
 from vmm import snapshot
 
 class EditError(Exception):
@@ -74,8 +74,8 @@ def find_marker(rec: Recording, text: str, what: str) -> int:
     hint = (f"; {', '.join(labels)} {'is a label' if len(labels) == 1 else 'are labels'} "
             "(a position named during replay, with no snapshot): a crop must start and end at a "
             "recorded marker") if t in labels else ""
-    raise EditError(f"{what} {text!r}: {rec.path} has no such marker{hint}. Its markers: {names}{more} "
-                    "(`rrstub info` lists them)")
+    raise EditError(f"{what} {text!r}: {rec.path} has no such marker{hint}. It has markers "
+                    f"m0..m{len(rec.markers) - 1}: {names}{more} (`rrstub info` lists them)")
 
 
 def _state(rec: Recording, index: int):
@@ -213,10 +213,14 @@ def _tmp_near(path: str) -> str:
 
 
 def crop(src: str, out: str, start: str, stop: str,
-         progress: Callable[[str], None] = lambda m: None) -> dict:
-    """``rrstub crop``: the part of ``src`` between two of its markers, as its own recording."""
+         progress: Callable[[str], None] = lambda m: None, force: bool = False) -> dict:
+    """``rrstub crop``: the part of ``src`` between two of its markers, as its own recording.
+
+    ``out`` may replace an existing recording only with ``force`` (``recording.check_output``).
+    """
     if os.path.abspath(src) == os.path.abspath(out):
         raise EditError(f"-o {out}: the cropped recording must go to another file than {src}")
+    check_output(out, force=force)
     with Recording.open(src) as rec:
         first = find_marker(rec, start, "--from")
         last = find_marker(rec, stop, "--to")
@@ -293,9 +297,34 @@ def rebase(path: str, writer: RecordingWriter, first: int, config_extra: dict,
     return new, copied
 
 
-def add_label(path: str, name: str, position: int) -> None:
-    """Name ``position`` in the finished recording ``path`` (a label: no snapshot)."""
+LABEL_RULE = ("a label name starts with a letter and has only letters, digits, '_', '-' and '.'; "
+              "it cannot be mN (a marker), 'start' or 'end', or a recorded marker's name")
+
+
+def check_label_name(rec: Recording, name: str) -> None:
+    """EditError with ``LABEL_RULE`` unless ``name`` can name a position of ``rec`` without
+    shadowing a marker (positions, markers and labels share one namespace: --until, goto)."""
+    if not name:
+        raise EditError(f"a label needs a name: {LABEL_RULE}")
+    shadows = ((name[:1] in "mM" and name[1:].isdigit()) or name.lower() in ("start", "end")
+               or any(m.meta.get("name") == name for m in rec.markers))
+    if shadows or not (name.isascii() and name[0].isalpha()
+                       and all(ch.isalnum() or ch in "_-." for ch in name)):
+        raise EditError(f"cannot name a position {name!r}: {LABEL_RULE}")
+
+
+def add_label(path: str, name: str, position: int, expect_id: Optional[str] = None) -> None:
+    """Name ``position`` in the finished recording ``path`` (a label: no snapshot).
+
+    ``expect_id``: the id of the recording the position belongs to; a file at ``path``
+    with another id (replaced since it was opened) is refused, never written.
+    """
     with Recording.open(path) as rec:
+        check_label_name(rec, name)
+        if expect_id is not None and recording_id(rec) != expect_id:
+            raise EditError(f"{path} is no longer the recording being debugged (its id is now "
+                            f"{recording_id(rec)}, was {expect_id}): it was replaced, and a label "
+                            "for this replay does not belong in it")
         if rec.summary is None:
             raise EditError(f"{path} is incomplete (its recorder did not finish it): labels are kept "
                             "in the END chunk, which it lacks; crop it first or record again")

@@ -9,6 +9,13 @@ code; only ``LogSink`` (recording: asks the host, writes the log) and
 
 Exact engine (``ExactEngine``): single-steps every instruction in C
 (native/rrnative.c ``rr_step``); the position is the instruction count.
+Every instruction is its own position, and so is every interrupt
+delivery: KVM's single step would run an interrupt's delivery together
+with the handler's first instruction, and an iretq together with the
+instruction it returns to, so ``rr_step`` stops such steps at their
+*landing* with an execution breakpoint (recordings whose config has
+``positions`` >= ``EVENT_POSITIONS``; older ones replay as they were
+recorded, with those pairs sharing a position).
 Time is ``IcountClock``: a function of the instruction count, re-based at
 logged sync points (every ``SYNC_INTERVAL_NS`` of guest time, and when a
 halted guest wakes).  rdtsc/rdtscp/rdrand/rdseed/rdpid/cpuid/rdmsr(TSC) are
@@ -51,15 +58,22 @@ SYNC_INTERVAL_NS = 50_000_000       # exact engine: a sync point every 50 ms of 
 NOMINAL_PS_PER_INSTR = 1000         # exact engine: the virtual CPU retires one instruction per ns
 CHECK_INTERVAL_NS = 100_000_000     # a state check at the first I/O exit after this much guest time
 SYNC_CHECK_EVERY = 4                # exact engine: a state check in every Nth sync point
-FLUSH_INTERVAL_NS = 2_000_000_000   # write buffered events at least this often (host time)
-IDLE_FLUSH_INTERVAL_NS = 5_000_000_000  # with nothing buffered, still mark progress this often
+# Buffered events reach the file at least this often (host time), so that a
+# killed recorder loses at most this much; half the 2 s we promise, because a
+# check comes only at a point, a fast engine's kick or an exact engine's
+# flush boundary (FLUSH_CHECK_EVERY instructions).
+FLUSH_INTERVAL_NS = 1_000_000_000
+IDLE_FLUSH_INTERVAL_NS = 2_000_000_000  # with nothing buffered, still mark progress this often
+FLUSH_CHECK_EVERY = 4096            # exact recording: look at the flush clock this often (instructions)
 FLUSH_BYTES = 256 << 10
 DEFAULT_MARKER_EVERY_NS = 1_000_000_000
 NEVER = (1 << 63) - 1
 RFLAGS_IF = 0x200
-NEVER_RIP = 0xDEAD_0000_0000_0000   # non-canonical: where single-stepping is armed (enable_stepping)
 RETRY_NS = 100_000                  # fast engine: a kick that could not make a landmark retries after this
 GUEST_ENDS = ("exit", "reset", "crash", "hung")
+# Config "positions": 2 = interrupt deliveries and event returns (iret,
+# int n, syscall, sysret) are positions of their own (rr_step landings).
+EVENT_POSITIONS = 2
 
 
 def place(unit: str, position: int) -> str:
@@ -130,7 +144,13 @@ def regs_digest(regs: Regs) -> int:
 
 
 class LogSink:
-    """Recording: encodes entries and writes them in chunks that survive a crash."""
+    """Recording: encodes entries and writes them in chunks that survive a crash.
+
+    ``maybe_flush`` writes a chunk once ``flush_due_ns`` has passed; the
+    engines call it at logged points, the fast engine also at its deadline
+    kick (which ``flush_due_ns`` bounds), and an exact recording every
+    FLUSH_CHECK_EVERY instructions (``session._flush_while_stepping``).
+    """
 
     def __init__(self, writer: RecordingWriter):
         self.writer = writer
@@ -142,10 +162,13 @@ class LogSink:
         self.encoder.add(e)
         ev.count(self.counts, e)
 
+    def flush_due_ns(self) -> int:
+        """The host time (CLOCK_MONOTONIC) by which ``maybe_flush`` writes a chunk."""
+        return self.last_flush + (FLUSH_INTERVAL_NS if self.encoder.count else IDLE_FLUSH_INTERVAL_NS)
+
     def maybe_flush(self, position: int) -> None:
-        waited = host_monotonic_ns() - self.last_flush
-        if (len(self.encoder.buf) >= FLUSH_BYTES
-                or waited >= (FLUSH_INTERVAL_NS if self.encoder.count else IDLE_FLUSH_INTERVAL_NS)):
+        """Write a chunk if enough is buffered or waited; every entry up to ``position`` is emitted."""
+        if len(self.encoder.buf) >= FLUSH_BYTES or host_monotonic_ns() >= self.flush_due_ns():
             self.flush(position)
 
     def flush(self, position: int) -> None:
@@ -353,6 +376,7 @@ class Engine:
         self.marker_requested = False
         self.marker_name = (None, "signal")
         index = self.markers.count
+        began = host_monotonic_ns()
         blob, digest, meta = self.markers.capture(self.position, self.engine_state(), full=False,
                                                   name=name, origin=origin)
         self.sink.flush(self.position)   # the events before a marker come before it in the file
@@ -361,8 +385,18 @@ class Engine:
         # The sink may have rebased the recording onto a later marker
         # (rolling, quota), renumbering markers: the point names the new index.
         index -= count - self.markers.count
+        self.hide_pause(host_monotonic_ns() - began)
         self._schedule_next_marker()
         return index, digest
+
+    def hide_pause(self, ns: int) -> None:
+        """Recording: host time the recorder spent with the guest stopped (a marker) is not guest time.
+
+        Otherwise a guest whose clock follows the host would see every marker
+        as a jump, and markers closer than their own cost would leave it no
+        time to run between them.
+        """
+        self.host_origin += ns
 
     def _schedule_next_marker(self) -> None:
         if self.marker_every_ns > 0:
@@ -657,6 +691,9 @@ class ExactEngine(Engine):
         self.boundary_at = NEVER
         self.on_boundary: Callable[[], None] = lambda: None
         self.inject_pending_at = -1     # where an interrupt was last injected (delivered by the next step)
+        recorded = self.source.recording.config.get("positions", 1) if self.source is not None else None
+        self.landings = recorded is None or recorded >= EVENT_POSITIONS
+        self._missed_seen = 0
 
     def attach(self, machine: Machine) -> None:
         super().attach(machine)
@@ -689,6 +726,7 @@ class ExactEngine(Engine):
         regs = self.machine.vcpu.get_regs()
         c = self.ctl
         c.cr0, c.cr3, c.cr4, c.efer = sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer
+        c.idt_base, c.idt_limit = sregs.idt_base, sregs.idt_limit
         self.long_mode = bool(sregs.efer & (1 << 10)) and bool(sregs.cs.l)
         c.long_mode = 1 if self.long_mode else 0
         self.cs_base = sregs.cs.base
@@ -723,11 +761,16 @@ class ExactEngine(Engine):
         return self.clock.now_ns(), ps
 
     def prepare_recording(self) -> None:
+        self.landings = True            # what a new recording's config says (session.new_config)
         now = host_monotonic_ns()
         self._rate_icount, self._rate_host = self.ctl.icount, now
         self._busy_host_ns = self._busy_instructions = 0
         self._idle_from = None
         self._next_sync_ns = self.clock.now_ns()
+
+    def hide_pause(self, ns: int) -> None:
+        super().hide_pause(ns)
+        self._rate_host += ns           # nor does it count as time spent stepping
 
     def idle_now_ns(self) -> int:
         start_ns, start_host = self._idle_from
@@ -758,29 +801,31 @@ class ExactEngine(Engine):
             # does not run now, so a breakpoint there is not hit now.
             self.ctl.flags |= lib.RR_STEP_SKIP_BREAK
             self.inject_pending_at = self.ctl.icount
+            if self.landings:
+                self.ctl.deliver_vector = self.machine.last_vector + 1
+
+    def restore(self, state: MarkerState, chain: Optional[list[bytes]] = None) -> None:
+        super().restore(state, chain)
+        self.resume_delivery()
+
+    def resume_delivery(self) -> None:
+        """After a restore: the next step delivers the interrupt KVM holds, if any, as its own step."""
+        vector = self.machine.vcpu.interrupt_in_flight() if self.landings else None
+        self.ctl.deliver_vector = 0 if vector is None else vector + 1
 
     # -- the loop -------------------------------------------------------------------
     def enable_stepping(self) -> None:
-        """Turn on KVM single-stepping without letting the guest see the trap flag.
+        """Turn on KVM single-stepping (no breakpoints armed yet) without letting the guest see TF.
 
         KVM_SET_GUEST_DEBUG sets RFLAGS.TF for real while RIP is where it was
         set, so an interrupt delivered by the first step (or a pushf there)
         would save TF in guest memory, and whether it does would depend on
-        where the run was last started: replay from a marker would write a
-        different interrupt frame than the recording did.  Setting it with
-        RIP at a non-canonical address no guest code can be at, then
-        writing the registers back, leaves TF clear for good (KVM sets it
-        again only when registers are written at that RIP); this host steps
-        in its instruction emulator, which does not need TF.
+        where the run was last started.  ``rr_step_arm`` (and every re-arm in
+        ``rr_step``) sets it with RIP at a non-canonical address no guest code
+        can be at, then writes the registers back; this host steps in its
+        instruction emulator, which does not need TF.
         """
-        vcpu = self.machine.vcpu
-        regs = vcpu.get_regs()
-        rip = regs.rip
-        regs.rip = NEVER_RIP
-        vcpu.set_regs(regs)
-        vcpu.set_guest_debug(lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP)
-        regs.rip = rip
-        vcpu.set_regs(regs)
+        _check(lib.rr_step_arm(self.machine.vcpu.fd, self.ctl), "KVM_SET_GUEST_DEBUG")
 
     def run(self) -> Outcome:
         m, c = self.machine, self.ctl
@@ -868,10 +913,21 @@ class ExactEngine(Engine):
 
     def _step(self, what: str) -> None:
         """One rr_step call with the limits already in ``ctl``."""
-        vcpu = self.machine.vcpu
-        _check(lib.rr_step(vcpu.fd, vcpu._run, self.ctl, vcpu._exit), what)
+        vcpu, c = self.machine.vcpu, self.ctl
+        if self.landings:
+            c.flags |= lib.RR_STEP_LANDINGS
+        else:
+            c.flags &= ~lib.RR_STEP_LANDINGS
+        _check(lib.rr_step(vcpu.fd, vcpu._run, c, vcpu._exit), what)
         self._sync_vcpu_flags()
-        self.position = self.ctl.icount
+        self.position = c.icount
+        if c.landings_missed != self._missed_seen:
+            self._missed_seen = c.landings_missed
+            if self._missed_seen == 1:
+                self.machine.warn(
+                    f"KVM ran past an event's landing at instruction {c.icount} (rip {c.rip:#x}): "
+                    "that position joins two instructions; breakpoints and watchpoints there may be "
+                    "missed (please report this host)")
 
     def _one_instruction(self, flag: int, what: str) -> None:
         """Finish or execute exactly one instruction (``flag``: NO_CHECK_ONCE or COMPLETE)."""
@@ -1052,6 +1108,9 @@ class FastEngine(Engine):
                 exit = vcpu.run(self._host_deadline())
                 if isinstance(exit, Interrupted):
                     if self.sink is not None:
+                        # A guest that computes without exiting logs nothing: the
+                        # deadline kick is where its buffered events reach the file.
+                        self.sink.maybe_flush(self.position)
                         self._kicked()
                     continue
                 if isinstance(exit, IrqWindowOpen):
@@ -1090,7 +1149,8 @@ class FastEngine(Engine):
             self._retry_at = 0
         if self.end_host_ns is not None:
             host = self.end_host_ns if host == 0 else min(host, self.end_host_ns)
-        return host
+        flush = self.sink.flush_due_ns()
+        return flush if host == 0 else min(host, flush)
 
 
     def _kicked(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from rrstub import events as ev
 from rrstub.engines import place
 from rrstub.recording import Recording
+from rrstub.session import position_range
 
 UNITS = {"exact": "instructions", "fast": "exits"}
 
@@ -19,6 +20,7 @@ def describe(path: str, verify: bool = False) -> dict:
             rec.verify()
         c = rec.config
         summary = rec.summary
+        first, last = position_range(rec)
         sizes: dict[str, dict[str, int]] = {}
         for chunk in rec.chunks:
             s = sizes.setdefault(chunk.kind.name.lower(), {"chunks": 0, "raw": 0, "stored": 0})
@@ -29,7 +31,6 @@ def describe(path: str, verify: bool = False) -> dict:
             counts = dict(summary["events"])
         else:
             counts = _count_events(rec)
-        last = max((ch.meta.get("last", 0) for ch in rec.event_chunks), default=0)
         markers = [{"index": m.meta["index"], "position": m.meta["position"],
                     "guest_s": m.meta.get("guest_ns", 0) / 1e9, "full": m.meta.get("full", False),
                     "pages": m.meta.get("pages"), "stored_bytes": m.stored_size,
@@ -48,7 +49,7 @@ def describe(path: str, verify: bool = False) -> dict:
                      "host_s": summary.get("host_seconds"), "serial_bytes": summary.get("serial_bytes"),
                      "landmarks": summary.get("landmarks"), "exits": summary.get("exits")}
                     if summary else None),
-            "last_position": summary["end_position"] if summary else last,
+            "first_position": first, "last_position": last,
             "markers": markers, "labels": rec.labels, "events": counts, "sizes": sizes,
             "id": c.get("id"), "parent": c.get("parent"), "derived": c.get("derived"),
             "rolling": (summary or {}).get("rolling") or c.get("rolling"),
@@ -68,7 +69,8 @@ def _count_events(rec: Recording) -> dict:
 def format_info(i: dict) -> str:
     lines = [f"{i['file']}: rrstub recording, format {i['format_version']}, {i['file_bytes']} bytes"]
     if not i["complete"]:
-        lines.append(f"  INCOMPLETE: {i['recovery_note']}")
+        # With its END the log is whole: only the index had to be rebuilt by a scan.
+        lines.append(f"  {'RECOVERED' if i['end'] else 'INCOMPLETE'}: {i['recovery_note']}")
     rec = i["recorded"]
     host = rec["host"]
     lines.append(f"  recorded {rec['created']} on {host.get('name', '?')} (Linux {host.get('kernel', '?')}, "
@@ -125,3 +127,14 @@ def format_info(i: dict) -> str:
     for kind, s in i["sizes"].items():
         lines.append(f"    {kind:<7} {s['chunks']:>5} chunks  {s['raw']:>10} -> {s['stored']:>10} bytes")
     return "\n".join(lines)
+
+
+def write_kernel(path: str, out: str) -> str:
+    """Write the kernel image embedded in recording ``path`` to ``out`` (checked against its
+    recorded sha256); return a line saying what was written."""
+    with Recording.open(path) as rec:
+        data = rec.kernel_bytes()
+        name, digest = rec.kernel_name, rec.kernel_sha256
+    with open(out, "wb") as f:
+        f.write(data)
+    return f"wrote the recorded kernel {name} ({len(data)} bytes, sha256 {digest}) to {out}"

@@ -1,7 +1,9 @@
 """The recording file: one self-contained container a user can copy or mail.
 
 Owns the on-disk format, writing it durably, and reading it back, including
-what is left of a recording whose recorder was killed.  Payloads (kernel,
+what is left of a recording whose recorder was killed; and what a new
+recording may replace (``check_output``: a new or empty file, or with
+--force an rrstub recording; never another file, a device or a directory).  Payloads (kernel,
 snapshots, event streams) are opaque bytes here; only chunk metadata has
 meaning, and only as far as the required order of chunks.
 
@@ -41,17 +43,21 @@ Invariants:
   INDEX only; an unfinished one is scanned, reading each chunk header and
   meta.  Payload checksums are checked when a payload is read, which also
   re-checks that chunk's header and meta (the INDEX was trusted for them).
-* A damaged trailer or INDEX raises ``RecordingError``; the reader does not
-  fall back to scanning.  A finished file that fails a checksum is a damaged
-  copy, and the user's fix is a good copy, not a partial reading.
+* A damaged trailer or INDEX does not cost the recording: they only repeat
+  what the chunk headers say, so the reader falls back to scanning the
+  chunks (as for an unfinished file) and says so in ``recovery_note``.  A
+  damaged chunk before them is still an error: the user's fix is a good
+  copy, not a partial reading.
 * Every failure a user can meet (missing, unreadable, foreign, newer,
   truncated, damaged file; a full disk) is one ``RecordingError`` naming the
-  file and, where there is one, the byte offset.  ``ValueError`` is kept for
+  file and, where there is one, the byte offset; a failed write carries its
+  errno (``disk_full``: ENOSPC or EDQUOT, which the CLI reports apart).  ``ValueError`` is kept for
   callers that break the writer's contract.
 """
 from __future__ import annotations
 
 import enum
+import errno as errno_codes
 import hashlib
 import json
 import os
@@ -86,10 +92,17 @@ class RecordingError(Exception):
     """A recording that cannot be written or read; ``str(e)`` is the whole
     message for the user and names ``path`` (and ``offset`` when set)."""
 
-    def __init__(self, path: str, message: str, offset: int | None = None):
+    def __init__(self, path: str, message: str, offset: int | None = None,
+                 damage: str | None = None, errno: int | None = None):
         super().__init__(message)
         self.path = path
         self.offset = offset
+        self.damage = damage      # for a damaged file: where and what, e.g. "byte offset 9 (trailer, ...)"
+        self.errno = errno        # for a failed write: why (ENOSPC and EDQUOT have their own exit status)
+
+    @property
+    def disk_full(self) -> bool:
+        return self.errno in (errno_codes.ENOSPC, errno_codes.EDQUOT)
 
 
 class ChunkKind(enum.IntEnum):
@@ -129,9 +142,8 @@ class _ChunkHeader:
 
 
 def _damaged(path: str, offset: int, where: str, problem: str) -> RecordingError:
-    return RecordingError(
-        path, f"{path}: the file is damaged at byte offset {offset} ({where}, {problem}): {_AGAIN}",
-        offset)
+    damage = f"byte offset {offset} ({where}, {problem})"
+    return RecordingError(path, f"{path}: the file is damaged at {damage}: {_AGAIN}", offset, damage)
 
 
 def _json(value) -> bytes:
@@ -170,6 +182,51 @@ def _parse_meta(path: str, offset: int, header: _ChunkHeader, data: bytes) -> di
         raise _damaged(path, offset, f"chunk kind {header.kind.name}",
                        "metadata is not a JSON object")
     return meta
+
+
+def check_output(path, *, force: bool, option: str = "-o") -> None:
+    """Refuse, before anything runs, an output a new recording cannot or must not replace.
+
+    It must be a file this process can create or replace; an existing file
+    is replaced only when it is empty or, with ``force``, an rrstub recording
+    (never a kernel, a text file, a device or a directory).
+    """
+    path = os.fspath(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise RecordingError(path, f"{option} {path}: {e.strerror}") from None
+    if st is None:
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise RecordingError(path, f"{option} {path}: the directory {parent} does not exist")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise RecordingError(path, f"{option} {path}: cannot create a file in {parent} "
+                                 "(permission denied); choose another directory")
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise RecordingError(path, f"{option} {path} is a directory: give the recording a file name, "
+                             f"e.g. {os.path.join(path, 'run.rrr')}")
+    if not stat.S_ISREG(st.st_mode):
+        raise RecordingError(path, f"{option} {path} is not a regular file (a device, pipe or socket): "
+                             "a recording is a file that is read back by position; give a file name")
+    if not os.access(path, os.W_OK):
+        raise RecordingError(path, f"{option} {path}: the file is not writable (permission denied)")
+    if st.st_size == 0:
+        return
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(FILE_MAGIC))
+    except OSError as e:
+        raise RecordingError(path, f"{option} {path}: cannot read it to check what it is: {e.strerror}") from None
+    if magic != FILE_MAGIC:
+        raise RecordingError(path, f"{option} {path} exists and is not an rrstub recording: rrstub does "
+                             "not overwrite it; choose another name, or remove the file first")
+    if not force:
+        raise RecordingError(path, f"{option} {path} is an existing recording: give --force to replace "
+                             "it, or choose another name")
 
 
 class RecordingWriter:
@@ -284,7 +341,7 @@ class RecordingWriter:
             self._failed = True
             raise RecordingError(
                 self.path, f"{self.path}: cannot flush the recording to disk: {e.strerror}",
-                self._offset) from None
+                self._offset, errno=e.errno) from None
         self.close()
 
     def close(self) -> None:
@@ -336,7 +393,8 @@ class RecordingWriter:
                 raise RecordingError(
                     self.path,
                     f"{self.path}: cannot write at byte offset {self._offset}: {e.strerror}; "
-                    f"the {chunk_start} bytes before this chunk are intact", self._offset) from None
+                    f"the {chunk_start} bytes before this chunk are intact", self._offset,
+                    errno=e.errno) from None
             self._offset += n
             view = view[n:]
 
@@ -380,11 +438,16 @@ class Recording:
                 raise RecordingError(path, f"{path} is {what}, not a recording")
             reader = _Reader(path, fd, st.st_size)
             version, header_len = reader.file_header()
-            trailer = reader.trailer(header_len)
-            if trailer is None:
-                chunks, note = reader.scan(header_len)
-            else:
-                chunks, note = reader.index(header_len, *trailer), ""
+            try:
+                trailer = reader.trailer(header_len)
+                if trailer is None:
+                    chunks, note = reader.scan(header_len)
+                else:
+                    chunks, note = reader.index(header_len, *trailer), ""
+            except RecordingError as e:
+                if e.damage is None:
+                    raise
+                chunks, note = reader.scan(header_len, damaged_end=e.damage)
             _check_order(path, chunks, header_len)
             return cls(reader, version, chunks, note)
         except BaseException:
@@ -549,11 +612,15 @@ class _Reader:
                            "its entries do not add up to the file")
         return chunks
 
-    def scan(self, header_len: int) -> tuple[list[ChunkInfo], str]:
-        """Every complete chunk from the start, and the recovery note."""
+    def scan(self, header_len: int, damaged_end: str | None = None) -> tuple[list[ChunkInfo], str]:
+        """Every complete chunk from the start, and the recovery note.
+
+        ``damaged_end``: the damage found in the trailer or INDEX of a
+        finished file, which the scan replaces (it stops after END, before them).
+        """
         chunks: list[ChunkInfo] = []
         pos, what = header_len, "an incomplete chunk"
-        while pos < self.size:
+        while pos < self.size and not (chunks and chunks[-1].kind is ChunkKind.END and damaged_end):
             remaining = self.size - pos
             if remaining < CHUNK_HEADER_SIZE:
                 break
@@ -563,19 +630,24 @@ class _Reader:
             meta = _parse_meta(self.path, pos, header, self.read(pos + CHUNK_HEADER_SIZE, header.meta_len))
             if header.kind is ChunkKind.INDEX:
                 # Only a missing trailer sends a finished file here: a cut one is truncation,
-                # a whole one that failed to parse is damage.
+                # a whole one without its magic is damage.
                 pos += header.size
                 if self.size - pos >= TRAILER_SIZE:
-                    raise _damaged(self.path, pos, "trailer",
-                                   f"no {TRAILER_MAGIC.decode()} trailer right after the index")
-                what = "an incomplete trailer"
+                    damaged_end = (f"byte offset {pos} (trailer, no {TRAILER_MAGIC.decode()} trailer "
+                                   "right after the index)")
+                else:
+                    what = "an incomplete trailer"
                 break
             chunks.append(ChunkInfo(header.kind, pos, meta, header.raw_size, header.size))
             pos += header.size
         n = len(chunks)
+        found = f"{n} complete chunk{'s' if n != 1 else ''} up to byte offset {pos} of {self.size}"
+        if damaged_end and chunks and chunks[-1].kind is ChunkKind.END:
+            return chunks, (f"{self.path}: the index at the end of the file is damaged at {damaged_end}; read the "
+                            f"recording by scanning its chunks instead: recovered all {found}, through "
+                            "its END, so nothing recorded is missing (a good copy opens faster)")
         note = (f"the recording is incomplete (no index at its end; the recorder was probably "
-                f"killed): recovered {n} complete chunk{'s' if n != 1 else ''} up to byte offset "
-                f"{pos} of {self.size}")
+                f"killed): recovered {found}")
         if pos < self.size:
             note += f"; the last {self.size - pos} bytes are {what} and were ignored"
         return chunks, note

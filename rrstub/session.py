@@ -7,8 +7,10 @@ Ctrl-C, a divergence) into an ``Outcome`` or one exception with a message
 for the user.
 
 Invariants: a recording is always finished (END, index, trailer) when the
-recorder ends in any way but being killed; a killed recorder leaves every
-chunk written so far readable.
+recorder ends in any way but being killed or the disk filling up (Ctrl-C
+and SIGTERM included: ``Terminated``); a killed recorder leaves every chunk
+written so far readable, and its events reach the file at least every
+``engines.FLUSH_INTERVAL_NS`` of host time.
 """
 from __future__ import annotations
 
@@ -24,8 +26,8 @@ from typing import BinaryIO, Callable, Optional
 
 from rrstub import __version__
 from rrstub import events as ev
-from rrstub.engines import (DEFAULT_MARKER_EVERY_NS, NOMINAL_PS_PER_INSTR, Divergence, Engine,
-                            ExactEngine, FastEngine, LogSink, LogSource, Outcome, place)
+from rrstub.engines import (DEFAULT_MARKER_EVERY_NS, EVENT_POSITIONS, FLUSH_CHECK_EVERY, NOMINAL_PS_PER_INSTR,
+                            Divergence, Engine, ExactEngine, FastEngine, LogSink, LogSource, Outcome, place)
 from rrstub.markers import MarkerError, decode_marker
 from rrstub.recording import ChunkKind, Recording, RecordingWriter
 from vmm import boot
@@ -34,6 +36,7 @@ from vmm.machine import (EXIT_CRASH, EXIT_HUNG, EXIT_TIMEOUT, GuestCrashed, Gues
                          Machine, MachineError)
 
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # SIGTERM (128 + 15): stopped like Ctrl-C, the recording finished
 EXIT_INCOMPLETE = 65   # replay reached the end of an incomplete recording
 EXIT_DIVERGED = 66     # replay no longer matched the recording
 EXIT_QUOTA = 75        # recording stopped at --quota
@@ -45,7 +48,7 @@ _REASON_OF = {GuestCrashed: "crash", GuestHung: "hung", GuestTimeout: "timeout"}
 def exit_status(outcome: Outcome) -> int:
     """The `rrstub record`/`replay` exit status for how a run ended."""
     return {"exit": outcome.status, "reset": 0, "crash": EXIT_CRASH, "hung": EXIT_HUNG,
-            "timeout": EXIT_TIMEOUT, "interrupted": EXIT_INTERRUPTED, "until": 0,
+            "timeout": EXIT_TIMEOUT, "interrupted": outcome.status or EXIT_INTERRUPTED, "until": 0,
             "incomplete": EXIT_INCOMPLETE, "cropped": 0, "quota": EXIT_QUOTA,
             "stopped": 0}.get(outcome.reason, 1)
 
@@ -91,6 +94,21 @@ class RecordResult:
 
 class QuotaReached(Exception):
     """The recording reached --quota and cannot drop anything: recording stops."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, systemd and CI send): stop the way Ctrl-C does.
+
+    A KeyboardInterrupt, so that every place that ends a run cleanly on
+    Ctrl-C (finishing a recording, closing a server) does so here too.
+    """
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signal.Signals(signum).name)
+
+    @staticmethod
+    def handler(signum, frame):
+        raise Terminated(signum)
 
 
 class SerialHashes(HashingStream):
@@ -329,6 +347,7 @@ def new_config(mode: str, mode_reason: str, mem_size: int, cmdline: str, epoch: 
         "host": {"name": platform.node(), "kernel": platform.release(), "machine": platform.machine()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "serial_input": serial_input,
+        "positions": EVENT_POSITIONS,
     }
 
 
@@ -397,13 +416,21 @@ class _Recorder:
 
 def _run_recording(engine: Engine, machine: Machine, output_of: Callable[[], "RecordingOutput"],
                    started: int, *, timeout: Optional[float], quota: Optional[int],
-                   keys: Optional[BinaryIO], warn: Callable[[str], None]) -> RecordResult:
-    """Run a recording engine to the end of the run and finish the file it records to then."""
+                   keys: Optional[BinaryIO], warn: Callable[[str], None],
+                   kept: Optional[Callable[[], Optional[str]]] = None) -> RecordResult:
+    """Run a recording engine to the end of the run and finish the file it records to then.
+
+    ``kept``: the path of the recording the user keeps, if one is being
+    written now (default: the output's file); None when the output is a
+    scratch file (the message for a stop by signal names only what is kept).
+    """
     message = ""
     if timeout is not None:
         engine.end_host_ns = host_monotonic_ns() + int(timeout * 1e9)
     previous_usr1 = _on_marker_signal(engine)
     key_reader = _marker_keys(keys, engine, warn)
+    _flush_while_stepping(engine)
+    stopped_by = None
     try:
         outcome = engine.run()
     except MachineError as e:
@@ -415,9 +442,10 @@ def _run_recording(engine: Engine, machine: Machine, output_of: Callable[[], "Re
                    f"{place(engine.unit, engine.position)} and stopped there (use --rolling to "
                    "keep the latest part instead)")
         outcome = Outcome("quota", EXIT_QUOTA, engine.position, engine.guest_now(), message)
-    except KeyboardInterrupt:
-        outcome = Outcome("interrupted", EXIT_INTERRUPTED, engine.position, engine.guest_now(),
-                          "the recording was stopped with Ctrl-C")
+    except KeyboardInterrupt as e:
+        stopped_by = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
+        outcome = Outcome("interrupted", EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED,
+                          engine.position, engine.guest_now(), f"the recording was stopped with {stopped_by}")
     finally:
         signal.signal(signal.SIGUSR1, previous_usr1)
         if key_reader is not None:
@@ -425,9 +453,32 @@ def _run_recording(engine: Engine, machine: Machine, output_of: Callable[[], "Re
     output = output_of()
     summary = output.finish(outcome, started, machine)
     writer = output.writer
+    if stopped_by is not None:
+        path = writer.path if kept is None else kept()
+        message = (f"{stopped_by} stopped the run at {place(engine.unit, engine.position)}" if path is None
+                   else f"{stopped_by} stopped the recording at {place(engine.unit, engine.position)}: "
+                        f"{path} is finished and replays up to there")
     return RecordResult(outcome, engine.mode, writer.path, engine.markers.count,
                         summary["host_seconds"], writer.bytes_written, writer.raw_bytes,
                         dict(output.sink.counts), message, summary.get("rolling"))
+
+
+def _flush_while_stepping(engine: Engine) -> None:
+    """Exact recording: look at the log's flush clock every FLUSH_CHECK_EVERY instructions.
+
+    Its points are sparse in host time (a sync every 50 ms of guest time can
+    be seconds of stepping), and a killed recorder keeps only what reached
+    the file.  The engine's boundary hook reads ``engine.sink`` when it
+    runs, so a guest-controlled recording that switches logs is covered.
+    """
+    if not isinstance(engine, ExactEngine):
+        return
+
+    def boundary() -> None:
+        engine.sink.maybe_flush(engine.position)
+        engine.boundary_at = engine.icount + FLUSH_CHECK_EVERY
+    engine.boundary_at = engine.icount + FLUSH_CHECK_EVERY
+    engine.on_boundary = boundary
 
 
 def seek(engine: Engine, rec: Recording, source: LogSource, position: int) -> int:
@@ -457,10 +508,20 @@ def seek(engine: Engine, rec: Recording, source: LogSource, position: int) -> in
             return k
 
 
+def position_range(rec: Recording) -> tuple[int, int]:
+    """The first and last position of ``rec``: its first marker's, and its end's (or, when the
+    recorder was killed, the last its log covers)."""
+    first = rec.markers[0].meta["position"]
+    if rec.summary is not None:
+        return first, rec.summary["end_position"]
+    return first, max([first] + [c.meta.get("last", 0) for c in rec.event_chunks])
+
+
 def resolve_position(rec: Recording, text: str, what: str = "--until") -> int:
     """A position the user named for option ``what``: a number, mN, or a marker's or label's name.
 
-    Raises ValueError with the message for the user.
+    Raises ValueError with the message for the user, also for a number
+    outside the recording (``position_range``).
     """
     t = text.strip()
     if t[:1] in "mM" and t[1:].isdigit():
@@ -477,8 +538,12 @@ def resolve_position(rec: Recording, text: str, what: str = "--until") -> int:
     except ValueError:
         raise ValueError(f"{what} {text!r}: give a position (a number), a marker (m0, m1, ...) or a "
                          "marker or label name (`rrstub info` lists them)") from None
-    if value < 0:
-        raise ValueError(f"{what} {text!r}: positions start at 0")
+    first, last = position_range(rec)
+    if not first <= value <= last:
+        units = ENGINES[rec.config["mode"]].unit + "s" if rec.config.get("mode") in ENGINES else "positions"
+        where = (f"it ends before reaching {value}" if value > last
+                 else f"it starts at {first}" + (" (a crop, a branch or a rolling recording)" if first else ""))
+        raise ValueError(f"{what} {text}: the recording has {units} {first}..{last}; {where}")
     return value
 
 
@@ -512,7 +577,7 @@ def go_live(path: str, at: str, *, out_path: Optional[str] = None, serial_in: Op
         if outcome.reason != "until":
             raise ReplayError(f"--go-live {at}: the replay ended ({outcome.reason}) at "
                               f"{place(engine.unit, outcome.position)}, before reaching {position}; "
-                              f"{path} covers positions up to {source.stop_position}")
+                              f"{path} has {engine.unit}s {'..'.join(map(str, position_range(rec)))}")
         warn(f"live from {place(engine.unit, position)} ({engine.guest_now() / 1e9:.6f} s of guest time): "
              + (f"recording the branch to {out_path}" if out_path else "not recorded (give -o to keep it)"))
         if out_path is None:
@@ -535,7 +600,7 @@ def go_live(path: str, at: str, *, out_path: Optional[str] = None, serial_in: Op
         output.start(*engine.initial_marker(origin="branch"))
         try:
             return _run_recording(engine, machine, lambda: output, host_monotonic_ns(), timeout=timeout,
-                                  quota=None, keys=keys, warn=warn)
+                                  quota=None, keys=keys, warn=warn, kept=lambda: out_path)
         finally:
             output.writer.close()
     finally:
@@ -647,6 +712,7 @@ def run_guest_controlled(kernel_path: str, out_path: str, mode: str, *, mem_size
         control = GuestControl(r.engine, machine, r.out, out_path, r.config, r.kernel_name, r.kernel_bytes,
                                scratch, warn)
         result = _run_recording(r.engine, machine, lambda: control.output, control.started, timeout=timeout,
+                                kept=lambda: None if control.output is scratch else out_path,
                                 quota=None, keys=None, warn=warn)
         if control.output is not scratch:       # still recording when the run ended
             control.summary = _summary_of(control.output.writer.path)
@@ -869,9 +935,11 @@ def replay(path: str, *, until: Optional[int] = None, speed: Optional[float] = N
             except MachineError as e:
                 reason = _REASON_OF.get(type(e), "crash")
                 outcome = Outcome(reason, e.exit_code, engine.position, engine.guest_now(), str(e))
-            except KeyboardInterrupt:
-                outcome = Outcome("interrupted", EXIT_INTERRUPTED, engine.position, engine.guest_now(),
-                                  "replay stopped with Ctrl-C")
+            except KeyboardInterrupt as e:
+                terminated = isinstance(e, Terminated)
+                outcome = Outcome("interrupted", EXIT_TERMINATED if terminated else EXIT_INTERRUPTED,
+                                  engine.position, engine.guest_now(),
+                                  f"replay stopped with {'SIGTERM' if terminated else 'Ctrl-C'}")
                 return ReplayResult(outcome, rec, out.count, out.hash.hexdigest(), False,
                                     (host_monotonic_ns() - started) / 1e9, engine)
             finally:

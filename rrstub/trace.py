@@ -10,15 +10,16 @@ Invariants and conventions:
 * the step at position P is what runs while the count goes from P to P+1;
   its line is written when replay reaches P+1, from the registers at P and
   P+1, and its rip is the rip at P;
-* single-stepping on this host runs one more instruction in two kinds of
-  step (PLATFORM.md, and measured by the tests): a step that delivers an
-  interrupt also runs the handler's first instruction, and an iretq also
-  runs the instruction it returns to.  Such a line carries the extra
-  instruction as ``then``; an interrupt line's own instruction is
-  ``<interrupt vector N>`` at the rip the interrupt came before (that
-  instruction runs later, on its own line).  A step of any other
-  instruction whose rip lands just past the following instruction (mov ss
-  or popf can do that) is reported the same way;
+* every instruction is its own position, and so is every interrupt
+  delivery (``<interrupt vector N>`` at the rip the interrupt came before;
+  the instruction there runs later, on its own line) and every exception
+  an instruction raises (the faulting instruction's line shows the
+  delivery).  Recordings made before positions were split (config
+  ``positions`` < 2) have steps that run one more instruction: an
+  interrupt delivery also runs the handler's first instruction, an iretq
+  the instruction it returns to.  Such a line carries the extra
+  instruction as ``then``, and so does a step of any other instruction
+  whose rip lands just past the following instruction;
 * general registers and rflags are read after every step; segment, control
   and descriptor-table registers only after instructions that can change
   them (``_SYSTEM``), after interrupt deliveries, and when control did not
@@ -47,18 +48,23 @@ output (--format text, the default): one line per position
   kernel_gs_base, cr0/2/3/4/8, efer, gdt_base, idt_base, tr and ldt when an
   instruction can change them or an exception or interrupt was delivered.
 
-  Two kinds of step run one more instruction when single-stepped on KVM,
-  shown as <then RIP: DISASSEMBLY>: a step that delivers an interrupt (its
-  line reads <interrupt vector N> at the rip the interrupt came before; the
-  instruction there runs later, on its own line; "then" is the handler's
-  first instruction), and iretq (then: the instruction it returned to).
-  CHANGED covers the whole step.
+  An interrupt delivery is a position of its own: its line reads
+  <interrupt vector N> at the rip the interrupt came before (the
+  instruction there runs later, on its own line), and the handler's first
+  instruction is the next line. An instruction that raises an exception
+  (ud2, a page fault) shows the delivery's effects on its line.
+  Older recordings (made before deliveries had positions of their own)
+  join some pairs into one step
+  (an interrupt and the handler's first instruction, an iretq and the
+  instruction it returns to), shown as <then RIP: DISASSEMBLY>, with
+  CHANGED covering the whole step.
 
 output (--format jsonl): one JSON object per line
   {"pos": 16052, "rip": "0x1000a0", "bytes": "8b157a6f0000",
    "asm": "mov edx, dword ptr [rip + 0x6f7a]", "changed": {"rdx": "0x1d5"}}
   an interrupt step has "interrupt": N (its "bytes" are empty), and a step
-  that ran one more instruction has "then": {"rip": ..., "bytes": ..., "asm": ...}.
+  of an older recording that ran one more instruction has
+  "then": {"rip": ..., "bytes": ..., "asm": ...}.
   Addresses and register values are hex strings: JSON readers such as jq
   lose precision in numbers above 2**53.
 
@@ -73,7 +79,7 @@ exit status:
        unusable recording, or a recording made with --mode fast
   66   replay did not follow the recording (a report says where)
   70   the replay engine failed
-  130  Ctrl-C: what was traced up to then is written
+  130  Ctrl-C (143: SIGTERM): what was traced up to then is written
 
 examples:
   rrstub record examples/build/race.elf -o race.rrr --mode exact --cmdline increments=200
@@ -184,7 +190,6 @@ class InstructionTrace:
         self._regs_view = ffi.buffer(self._regs_buf)
         self._regs_struct = struct.Struct(f"<{len(REG_NAMES)}Q")
         self._sregs_buf = ffi.new("struct kvm_sregs *")
-        self._events_buf = ffi.new("struct kvm_vcpu_events *")
         self._disassemblers = {64: Cs(CS_ARCH_X86, CS_MODE_64), 32: Cs(CS_ARCH_X86, CS_MODE_32),
                                16: Cs(CS_ARCH_X86, CS_MODE_16)}
         self._decoded: dict[tuple, tuple[int, str, int]] = {}
@@ -215,11 +220,6 @@ class InstructionTrace:
         long_mode = bool(s.efer & EFER_LMA) and bool(s.cs.l)
         self._bits = 64 if long_mode else 32 if s.cs.db else 16
         self._pages.clear()
-
-    def _vector_in_flight(self) -> Optional[int]:
-        e = self._events_buf
-        self._check(self._lib.rr_ioctl(self.vcpu.fd, self._lib.KVM_GET_VCPU_EVENTS, e), "KVM_GET_VCPU_EVENTS")
-        return e.interrupt.nr if e.interrupt.injected else None
 
     # -- guest code ----------------------------------------------------------------
     def _linear(self, rip: int) -> int:
@@ -295,7 +295,7 @@ class InstructionTrace:
         t, e = self.timeline, self.engine
         t.goto(start)
         c = e.ctl
-        vector = self._vector_in_flight()
+        vector = self.vcpu.interrupt_in_flight()
         self._queued = None if vector is None else (start, vector)
         self._read_system(msrs=True)
         self._regs = self._read_regs()
@@ -525,8 +525,10 @@ def cmd_trace(args: argparse.Namespace) -> int:
         try:
             try:
                 InstructionTrace(timeline).run(start, stop, writer, progress)
-            except KeyboardInterrupt:
-                failure = EXIT_INTERRUPTED, "interrupted"
+            except KeyboardInterrupt as e:
+                from rrstub.session import EXIT_TERMINATED, Terminated
+                failure = ((EXIT_TERMINATED, "terminated (SIGTERM)") if isinstance(e, Terminated)
+                           else (EXIT_INTERRUPTED, "interrupted"))
             except (Divergence, TimelineError) as e:
                 failure = EXIT_DIVERGED, str(e)
             except EngineError as e:

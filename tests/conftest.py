@@ -2,12 +2,22 @@
 
 Tests that need /dev/kvm (or $RRSTUB_KVM_DEVICE) use the ``kvm`` marker.  When KVM is missing they FAIL under CI=true, and skip with the
 reason otherwise: a CI machine without KVM must not look green.
+
+Guest time follows the host's speed, which drifts from day to day and under
+load (an exact recording's virtual CPU runs at the host's measured
+instruction rate, a fast one at live speed).  So tests never assume how
+many markers a --marker-every gives or where they land: they size
+intervals with ``marker_every`` and take markers and positions from the
+recording they made (``recording_info``).
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -54,3 +64,35 @@ def rrstub(*args: str, input: bytes | None = None, timeout: float = 60, **kw) ->
     """Run the installed CLI as a user would."""
     return subprocess.run([sys.executable, "-m", "rrstub", *args], input=input, capture_output=True,
                           timeout=timeout, cwd=ROOT, **kw)
+
+
+def recording_info(path) -> dict:
+    """`rrstub info PATH --json`."""
+    r = rrstub("info", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@functools.cache
+def guest_seconds(kernel: Path, *args: str) -> float:
+    """The guest time a recording of ``kernel`` with ``args`` covers on this host, measured once."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "measure.rrr"
+        r = rrstub("record", str(kernel), "-o", str(out), "--no-markers", "-q", *args, timeout=300)
+        assert out.exists(), r.stderr
+        return recording_info(out)["end"]["guest_s"]
+
+
+def marker_every(markers: int, kernel: Path, *args: str) -> str:
+    """--marker-every giving about ``markers`` markers in a recording of ``kernel`` with ``args``."""
+    return f"{guest_seconds(kernel, *args) / markers:.9f}"
+
+
+def symbol(name: str, elf) -> tuple[int, int]:
+    """(address, size) of a symbol of the kernel."""
+    out = subprocess.run(["nm", "-S", str(elf)], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[3] == name:
+            return int(parts[0], 16), int(parts[1], 16)
+    raise AssertionError(f"{name} not in {elf}")

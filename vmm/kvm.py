@@ -709,6 +709,12 @@ class Vcpu:
         _check(lib.rr_ioctl(self.fd, lib.KVM_GET_VCPU_EVENTS, c), "KVM_GET_VCPU_EVENTS")
         return bool(c.exception.injected or c.exception.pending or c.interrupt.injected)
 
+    def interrupt_in_flight(self) -> Optional[int]:
+        """The vector of an interrupt KVM holds for delivery on the next run, or None."""
+        c = ffi.new("struct kvm_vcpu_events *")
+        _check(lib.rr_ioctl(self.fd, lib.KVM_GET_VCPU_EVENTS, c), "KVM_GET_VCPU_EVENTS")
+        return c.interrupt.nr if c.interrupt.injected else None
+
     def end_interrupt_shadow(self) -> bool:
         """Drop an `sti`/`mov ss` interrupt shadow; returns whether an interrupt is in flight."""
         c = ffi.new("struct kvm_vcpu_events *")

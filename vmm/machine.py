@@ -260,6 +260,7 @@ class Machine:
 
         self._window_requested = False
         self.injections = 0
+        self.last_vector = 0            # the vector of the last interrupt given to the vCPU
         self._end_ns: Optional[int] = None
         # Exit dispatch, shared by the live loop and the record/replay engines
         # (which handle Hlt, Interrupted and interrupt windows themselves).
@@ -336,7 +337,8 @@ class Machine:
         ask KVM for an exit when it can (``injections`` counts the interrupts given)."""
         vcpu = self.vcpu
         if self._intr and vcpu.ready_for_injection and vcpu.if_flag:
-            vcpu.interrupt(self.pic.acknowledge())
+            self.last_vector = self.pic.acknowledge()
+            vcpu.interrupt(self.last_vector)
             vcpu.ready_for_injection = False
             self.injections += 1
         want = self._intr and window

@@ -48,6 +48,39 @@ struct trap_frame {
 
 typedef struct trap_frame *irq_handler(struct trap_frame *frame);
 
+/* A long-mode IDT gate; idt_interrupt_gate() makes a DPL 0 interrupt gate
+ * (interrupts disabled in the handler) to `entry` in the kernel's code. */
+struct idt_gate {
+    uint16_t offset_low;
+    uint16_t selector;
+    uint8_t ist;
+    uint8_t type;
+    uint16_t offset_mid;
+    uint32_t offset_high;
+    uint32_t reserved;
+} __attribute__((packed));
+
+static inline struct idt_gate idt_interrupt_gate(uint64_t entry)
+{
+    return (struct idt_gate){
+        .offset_low = entry & 0xffff,
+        .selector = KERNEL_CS,
+        .type = 0x8E,                   /* present, DPL 0, 64-bit interrupt gate */
+        .offset_mid = (entry >> 16) & 0xffff,
+        .offset_high = entry >> 32,
+    };
+}
+
+/* Makes `gates` (`count` of them) the IDT. */
+static inline void idt_load(const struct idt_gate *gates, unsigned count)
+{
+    struct {
+        uint16_t limit;
+        uint64_t base;
+    } __attribute__((packed)) idtr = { .limit = count * sizeof *gates - 1, .base = (uint64_t)gates };
+    __asm__ volatile("lidt %0" :: "m"(idtr));
+}
+
 /* Loads the IDT (exceptions and the 16 PIC vectors) and initialises the PIC
  * with every line masked. */
 void trap_init(void);

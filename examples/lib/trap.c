@@ -10,23 +10,7 @@
 #include "kernel.h"
 
 #define IDT_VECTORS      (VECTOR_IRQ_BASE + IRQ_LINES)
-#define GATE_INTERRUPT64 0x8E   /* present, DPL 0, 64-bit interrupt gate */
 #define VECTOR_PAGE_FAULT 14
-
-struct idt_gate {
-    uint16_t offset_low;
-    uint16_t selector;
-    uint8_t ist;
-    uint8_t type;
-    uint16_t offset_mid;
-    uint32_t offset_high;
-    uint32_t reserved;
-} __attribute__((packed));
-
-struct idt_pointer {
-    uint16_t limit;
-    uint64_t base;
-} __attribute__((packed));
 
 _Static_assert(sizeof(struct idt_gate) == 16, "long-mode IDT gates are 16 bytes");
 _Static_assert(sizeof(struct trap_frame) == 22 * 8, "trap_stubs.S pushes 22 quadwords");
@@ -53,19 +37,11 @@ static const char *const exception_names[VECTOR_IRQ_BASE] = {
 void trap_init(void)
 {
     for (unsigned v = 0; v < IDT_VECTORS; v++) {
-        uint64_t entry = trap_stub_table[v];
-        idt[v] = (struct idt_gate){
-            .offset_low = entry & 0xffff,
-            .selector = KERNEL_CS,
-            .type = GATE_INTERRUPT64,
-            .offset_mid = (entry >> 16) & 0xffff,
-            .offset_high = entry >> 32,
-        };
+        idt[v] = idt_interrupt_gate(trap_stub_table[v]);
     }
     /* Vectors past the limit (none should arrive) raise #GP, which is
      * reported like any other exception. */
-    struct idt_pointer idtr = { .limit = sizeof(idt) - 1, .base = (uint64_t)idt };
-    __asm__ volatile("lidt %0" :: "m"(idtr));
+    idt_load(idt, IDT_VECTORS);
     pic_init();
 }
 

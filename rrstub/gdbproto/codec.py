@@ -26,12 +26,14 @@ Invariants:
   ``+`` and ``-`` are ignored and checksums are not checked (GDB does the
   same: there is no way left to ask for a retransmission).
 * Every reply payload is escaped for ``$ # } *`` when framed.  GDB removes
-  ``}`` escapes only from binary replies (qXfer chunks); every other reply
-  built here is ASCII without those four characters.
+  ``}`` escapes only from binary replies (qXfer chunks, the attachments of
+  host I/O replies); every other reply built here is ASCII without those
+  four characters.
 """
 from __future__ import annotations
 
 import re
+import struct
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -193,6 +195,53 @@ class Monitor:
 
 
 @dataclass(frozen=True)
+class HostOpen:
+    """``vFile:open:path,flags,mode``: host I/O (the exec-file gdb reads); ``path`` decoded."""
+    path: str
+    flags: int
+    mode: int
+
+
+@dataclass(frozen=True)
+class HostPread:
+    """``vFile:pread:fd,count,offset``."""
+    fd: int
+    count: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class HostClose:
+    """``vFile:close:fd``."""
+    fd: int
+
+
+@dataclass(frozen=True)
+class HostFstat:
+    """``vFile:fstat:fd``."""
+    fd: int
+
+
+@dataclass(frozen=True)
+class HostSetFs:
+    """``vFile:setfs:pid``: whose filesystem later paths name (0: the stub's)."""
+    pid: int
+
+
+@dataclass(frozen=True)
+class HostOther:
+    """Any other ``vFile:`` operation (pwrite, unlink, readlink, ...)."""
+    operation: str
+
+
+@dataclass(frozen=True)
+class Checksum:
+    """``qCRC:addr,length``: gdb's ``compare-sections`` asks the CRC of target memory."""
+    addr: int
+    length: int
+
+
+@dataclass(frozen=True)
 class Query:
     """Any other ``q``/``Q`` packet: ``name`` up to the first ``:`` or ``,``
     (with its q/Q), ``args`` after that separator."""
@@ -217,7 +266,8 @@ Request = Union[
     WriteRegisters, ReadRegister, WriteRegister, ReadMemory, WriteMemory,
     Continue, Step, VContQuery, VCont, ReverseStep, ReverseContinue,
     InsertPoint, RemovePoint, SetThread, ThreadAlive, Kill, Detach, XferRead,
-    Monitor, Query, Unknown, Malformed,
+    Monitor, HostOpen, HostPread, HostClose, HostFstat, HostSetFs, HostOther, Checksum,
+    Query, Unknown, Malformed,
 ]
 
 # --------------------------------------------------------------------------
@@ -327,13 +377,78 @@ class ConsoleOutput:
         return b"O" + self.text.encode().hex().encode()
 
 
-Reply = Union[Ok, Error, Empty, Raw, HexData, Stop, Exited, XferChunk, ConsoleOutput]
+@dataclass(frozen=True)
+class HostResult:
+    """A host I/O reply: ``F`` result (hex; ``-1,errno`` on failure) ``;`` attachment.
+
+    ``errno`` is one of the protocol's own numbers (``FILEIO_*`` below), not the host's.
+    """
+    result: int
+    errno: Optional[int] = None
+    attachment: Optional[bytes] = None
+
+    def encode(self) -> bytes:
+        head = f"-{-self.result:x}" if self.result < 0 else f"{self.result:x}"
+        if self.errno is not None:
+            head += f",{self.errno:x}"
+        out = b"F" + head.encode()
+        return out if self.attachment is None else out + b";" + self.attachment
 
 
-def supported_reply(packet_size: int, reverse: bool) -> Raw:
-    """The ``qSupported`` answer; the reverse pair only when serving a replay."""
+@dataclass(frozen=True)
+class Crc:
+    """``C`` + the CRC of a ``qCRC`` range, hex."""
+    value: int
+
+    def encode(self) -> bytes:
+        return b"C%x" % self.value
+
+
+Reply = Union[Ok, Error, Empty, Raw, HexData, Stop, Exited, XferChunk, ConsoleOutput, HostResult, Crc]
+
+# The protocol's errno values for host I/O replies (GDB manual, "Errno Values").
+FILEIO_ENOENT, FILEIO_EBADF, FILEIO_EACCES, FILEIO_EINVAL, FILEIO_EMFILE, FILEIO_EROFS = 2, 9, 13, 22, 24, 30
+
+# The ``struct stat`` of host I/O (GDB manual, "struct stat"): big-endian, 64 bytes.
+_FILEIO_STAT = struct.Struct(">IIIIIIIQQQIII")
+_S_IFREG = 0o100000
+
+
+def fileio_stat(size: int, mode: int = 0o444, mtime: int = 0) -> bytes:
+    """The ``vFile:fstat`` attachment for a regular file of ``size`` bytes."""
+    return _FILEIO_STAT.pack(0, 0, _S_IFREG | mode, 1, 0, 0, 0, size, 4096, (size + 511) // 512,
+                             mtime, mtime, mtime)
+
+
+def gdb_crc32(data: bytes, crc: int = 0xFFFFFFFF) -> int:
+    """The CRC gdb's ``compare-sections`` expects for ``qCRC``: CRC-32 (polynomial
+    0x04c11db7), most significant bit first, starting at 0xffffffff, no final inversion
+    (libiberty's ``xcrc32``; zlib's CRC-32 is the bit-reversed variant)."""
+    for byte in data:
+        crc = ((crc << 8) & 0xFFFFFFFF) ^ _CRC_TABLE[(crc >> 24) ^ byte]
+    return crc
+
+
+def _crc_table() -> tuple[int, ...]:
+    table = []
+    for i in range(256):
+        c = i << 24
+        for _ in range(8):
+            c = ((c << 1) ^ 0x04C11DB7) if c & 0x80000000 else c << 1
+        table.append(c & 0xFFFFFFFF)
+    return tuple(table)
+
+
+_CRC_TABLE = _crc_table()
+
+
+def supported_reply(packet_size: int, reverse: bool, exec_file: bool = False) -> Raw:
+    """The ``qSupported`` answer; the reverse pair only when serving a replay, the
+    exec-file object only when there is a file to serve through host I/O."""
     features = (f"PacketSize={packet_size:x};QStartNoAckMode+;qXfer:features:read+;"
                 "swbreak+;hwbreak+;vContSupported+")
+    if exec_file:
+        features += ";qXfer:exec-file:read+"
     if reverse:
         features += ";ReverseStep+;ReverseContinue+"
     return Raw(features.encode())
@@ -495,6 +610,29 @@ def _parse_monitor(body: bytes) -> Request:
     return Monitor(_hex_bytes(body[1:], "command").decode("utf-8", "replace"))
 
 
+def _parse_host_io(body: bytes) -> Request:
+    operation, colon, args = body.partition(b":")
+    if not colon:
+        raise _BadArgument(f"vFile without arguments: {body[:40]!r}")
+    if operation == b"open":
+        path, flags, mode = _split(args, b",", 3, "path,flags,mode")
+        return HostOpen(_hex_bytes(path, "path").decode("utf-8", "replace"),
+                        _number(flags, "flags", 1 << 32), _number(mode, "mode", 1 << 32))
+    if operation == b"pread":
+        fd, count, offset = _split(args, b",", 3, "fd,count,offset")
+        return HostPread(_number(fd, "fd", 1 << 32), _number(count, "count"), _number(offset, "offset"))
+    if operation in (b"close", b"fstat"):
+        cls = HostClose if operation == b"close" else HostFstat
+        return cls(_number(args, "fd", 1 << 32))
+    if operation == b"setfs":
+        return HostSetFs(_number(args, "pid", 1 << 32))
+    return HostOther(operation.decode("latin-1"))
+
+
+def _parse_crc(body: bytes) -> Request:
+    return Checksum(*_range(*_split(body, b",", 2, "addr,length")))
+
+
 def _parse_kill(body: bytes) -> Request:
     if not _HEX.fullmatch(body):
         raise _BadArgument(f"bad pid {body[:40]!r}")
@@ -520,6 +658,8 @@ _BY_PREFIX: tuple[tuple[bytes, Callable[[bytes], Request]], ...] = (
     (b"qSupported:", lambda b: QuerySupported(tuple(f.decode("latin-1") for f in b.split(b";")))),
     (b"qXfer:", _parse_xfer),
     (b"qRcmd", _parse_monitor),
+    (b"qCRC:", _parse_crc),
+    (b"vFile:", _parse_host_io),
     (b"vCont;", _parse_vcont),
     (b"vKill;", _parse_kill),
 )
@@ -652,6 +792,11 @@ class Codec:
     @property
     def ack_mode(self) -> bool:
         return self._ack
+
+    @property
+    def in_packet(self) -> bool:
+        """A packet has begun (``$`` seen) and is not complete yet."""
+        return self._in_packet
 
     def feed(self, data: bytes) -> list[Event]:
         """Consume bytes from gdb; return the complete events in them."""

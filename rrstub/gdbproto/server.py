@@ -3,12 +3,38 @@
 One gdb at a time.  ``serve`` accepts a client, runs a ``Session`` until the
 client detaches, kills or disconnects, and then waits for the next one; the
 timeline keeps its position, its checkpoints and its markers across
-clients.  A client that connects while another is attached waits (in the
-listen backlog) until that one has left.
+clients.  A client that connects while another is attached is answered, at
+its first packet, with an error that says why (gdb prints it as "Remote
+failure reply: E.rrstub: ...") and is disconnected: queueing it would leave
+its gdb waiting on a reply it times out on.
+
+A connection must speak the protocol: one that sends no complete packet
+within ``handshake_timeout`` of connecting, or stops in the middle of a
+packet for ``packet_timeout``, is closed, so a port scan or a dead client
+cannot keep the next gdb out.  An attached gdb that simply waits at its
+prompt is never timed out.  Only sessions that sent a packet count for
+``clients``.
 
 While the timeline runs forward or backward for a ``c``, ``bc`` or ``vCont``,
 the session looks at the socket every few thousand instructions: a Ctrl-C
 (0x03) from gdb stops the run with SIGINT, and a closed connection ends it.
+gdb waits for those stop replies without a timeout.  A monitor command
+(``qRcmd``) is different: gdb gives up on it after three ``remotetimeout``
+periods ("Ignoring packet error"), so while one runs a helper thread sends
+console output (``O`` packets, which restart gdb's timer) every
+``keepalive`` seconds.
+
+gdb caches registers and memory and nothing in the protocol tells it that a
+``monitor goto`` moved the target (GDB 13's ``monitor`` sends ``qRcmd`` and
+only prints what comes back).  ``examples/gdb/rrstub-hooks.gdb`` makes gdb
+reread the state after every monitor command.
+
+The recording's kernel is served to gdb as the target's executable
+(``qXfer:exec-file:read`` and host I/O, see ``hostio``), so a gdb started
+without a file reads the recorded symbols, and gdb's own build-id check
+(``exec-file-mismatch``) compares a file it was given with the recorded one.
+``qCRC`` lets gdb's ``compare-sections`` compare any file with the guest's
+memory.
 
 Invariants: every request gets exactly one reply (``qRcmd`` adds console
 output before its ``OK``), a failure of the timeline becomes console output
@@ -17,13 +43,16 @@ knows packet syntax.
 """
 from __future__ import annotations
 
+import ipaddress
 import select
 import socket
 import sys
+import threading
+import time
 from typing import Callable, Optional, TextIO
 
 from rrstub.gdbproto import codec as C
-from rrstub.gdbproto import target
+from rrstub.gdbproto import hostio, target
 from rrstub.replay.timeline import Stop, Timeline, TimelineError
 from vmm import paging
 
@@ -32,6 +61,10 @@ SIGTRAP, SIGINT = 5, 2
 THREAD = "1"
 WRITE_REFUSED = ("writes are refused while debugging a recording: the replay must match it. "
                  "Changing registers and memory becomes possible after going live")
+HANDSHAKE_TIMEOUT = 10.0    # seconds from connecting to the first complete packet
+PACKET_TIMEOUT = 10.0       # seconds a started packet may take to complete
+KEEPALIVE = 1.0             # seconds between console lines while a monitor command works
+MAX_WAITING = 8             # connections being refused at once; more are closed at once
 POINT_KINDS = {0: "break", 1: "break", 2: "write", 3: "read", 4: "access"}
 
 MONITOR_HELP = """\
@@ -40,7 +73,8 @@ rrstub monitor commands (type them after `monitor`):
   markers               the recording's markers and the ones named in this session
   marker add NAME       name the current position, to come back to it with goto
   goto MARKER|POSITION  move to a marker (m0, m1, ... or a name) or an instruction number;
-                        then run `maint flush register-cache` (or `flushregs`) so gdb rereads the state
+                        gdb rereads the state by itself with examples/gdb/rrstub-hooks.gdb
+                        sourced, otherwise run `maint flush register-cache`
   info                  the recording, the replay's checkpoints and their memory
   help                  this text
 """
@@ -49,35 +83,81 @@ rrstub monitor commands (type them after `monitor`):
 class Session:
     """One connected gdb: turns its requests into timeline calls and replies."""
 
-    def __init__(self, timeline: Timeline, sock: socket.socket, log: Callable[[str], None]):
+    def __init__(self, timeline: Timeline, sock: socket.socket, log: Callable[[str], None], *,
+                 others: "Refusals", files: hostio.HostFiles, handshake_timeout: float = HANDSHAKE_TIMEOUT, packet_timeout: float = PACKET_TIMEOUT,
+                 keepalive: float = KEEPALIVE):
         self.timeline = timeline
         self.sock = sock
         self.log = log
+        self.others = others
+        self.files = files
+        self.handshake_timeout = handshake_timeout
+        self.packet_timeout = packet_timeout
+        self.keepalive = keepalive
         self.codec = C.Codec(max_packet=PACKET_SIZE)
         self.points: dict[tuple[int, int, int], str] = {}   # (kind, addr, size) inserted
         self.last_stop = C.Stop(SIGTRAP, (), THREAD)
         self.closed = False
+        self.spoke = False          # sent at least one complete packet
         self.pending: list = []
 
     # -- I/O -------------------------------------------------------------------------
     def run(self) -> None:
+        started = time.monotonic()
+        packet_started: Optional[float] = None
         while not self.closed:
             events, self.pending = self.pending, []
             if not events:
-                data = self._recv(None)
+                now = time.monotonic()
+                if not self.spoke:
+                    deadline: Optional[float] = started + self.handshake_timeout
+                elif self.codec.in_packet:
+                    packet_started = packet_started or now
+                    deadline = packet_started + self.packet_timeout
+                else:
+                    deadline = packet_started = None
+                if deadline is not None and now >= deadline:
+                    self.log("closed a connection that " + ("sent no packet" if not self.spoke else
+                             "stopped in the middle of a packet") +
+                             f" for {now - (packet_started or started):.0f} s")
+                    return
+                data = self._wait(None if deadline is None else deadline - now)
+                if data is None:
+                    continue
                 if not data:
                     return
                 events = self.codec.feed(data)
                 self._flush()   # acks and naks now, before a long continue
-            for e in events:
-                if self.closed:
-                    break
+            while events and not self.closed:
+                e = events.pop(0)
+                # What came after it waits in ``pending``, where a run looks for a
+                # Ctrl-C that arrived with (or right behind) its own packet.
+                self.pending = events
                 if isinstance(e, C.Packet):
+                    self.spoke = True
                     self.handle(e.request)
                 # A Ctrl-C while nothing runs: gdb also waits for a stop reply.
                 elif isinstance(e, C.Interrupt):
                     self.reply(C.Stop(SIGINT, (), THREAD))
                 self._flush()
+                events, self.pending = self.pending, []
+
+    def _wait(self, timeout: Optional[float]) -> Optional[bytes]:
+        """Bytes from gdb, b"" when it has gone, None when ``timeout`` passed first; serves the
+        connections waiting to be refused meanwhile."""
+        while True:
+            ready, _, _ = select.select([self.sock, *self.others.sockets()], [], [],
+                                        self.others.wait_at_most(timeout))
+            self.others.serve([r for r in ready if r is not self.sock])
+            if self.sock in ready:
+                return self._recv(None)
+            if timeout is not None:
+                return None
+
+    def _serve_others(self) -> None:
+        """Answer waiting connections while a long request runs (they must not time out)."""
+        ready, _, _ = select.select(self.others.sockets(), [], [], 0)
+        self.others.serve(ready)
 
     def _recv(self, timeout: Optional[float]) -> bytes:
         try:
@@ -105,6 +185,11 @@ class Session:
 
     def _interrupted(self) -> bool:
         """Polled while the timeline runs: Ctrl-C or a closed connection stops it."""
+        early = next((e for e in self.pending if isinstance(e, C.Interrupt)), None)
+        if early is not None:
+            self.pending.remove(early)
+            return True
+        self._serve_others()
         data = self._recv(0)
         if self.closed:
             return True
@@ -124,7 +209,7 @@ class Session:
         t = self.timeline
         try:
             if isinstance(req, C.QuerySupported):
-                self.reply(C.supported_reply(PACKET_SIZE, reverse=True))
+                self.reply(C.supported_reply(PACKET_SIZE, reverse=True, exec_file=True))
             elif isinstance(req, C.StartNoAck):
                 self.reply(C.Ok())
                 self._flush()
@@ -155,6 +240,11 @@ class Session:
                 self._point(req)
             elif isinstance(req, C.Monitor):
                 self._monitor(req.command)
+            elif isinstance(req, (C.HostOpen, C.HostPread, C.HostClose, C.HostFstat, C.HostSetFs,
+                                  C.HostOther)):
+                self.reply(self.files.handle(req))
+            elif isinstance(req, C.Checksum):
+                self._checksum(req)
             elif isinstance(req, (C.SetThread, C.ThreadAlive)):
                 self.reply(C.Ok())
             elif isinstance(req, C.Detach):
@@ -182,12 +272,29 @@ class Session:
         self.reply(C.Raw(answer) if answer is not None else C.Empty())
 
     def _xfer(self, req: C.XferRead) -> None:
+        if req.object == "exec-file":
+            self.reply(self.files.exec_file(req.offset, req.length, PACKET_SIZE // 2))
+            return
         if req.object != "features" or req.annex != "target.xml":
             self.reply(C.Empty() if req.object != "features" else C.Error(0x00, "no such annex"))
             return
         data = target.TARGET_XML.encode()
         chunk = data[req.offset:req.offset + min(req.length, PACKET_SIZE // 2)]
         self.reply(C.XferChunk(chunk, req.offset + len(chunk) < len(data)))
+
+    def _checksum(self, req: C.Checksum) -> None:
+        """``compare-sections``: the CRC of guest memory at virtual addresses, page by page."""
+        crc = 0xFFFFFFFF
+        addr, end = req.addr, req.addr + req.length
+        try:
+            while addr < end:
+                n = min(end - addr, 4096 - (addr & 0xFFF))
+                crc = C.gdb_crc32(self.timeline.read_memory(addr, n), crc)
+                addr += n
+        except paging.PageFault:
+            self.reply(C.Error(0x0E, f"{addr:#x} is not mapped"))
+            return
+        self.reply(C.Crc(crc))
 
     def _read_memory(self, req: C.ReadMemory) -> None:
         length = min(req.length, PACKET_SIZE // 2 - 16)
@@ -265,10 +372,26 @@ class Session:
     # -- monitor -----------------------------------------------------------------------
     def _monitor(self, command: str) -> None:
         words = command.split()
+        done = threading.Event()
+
+        def keep_gdb_waiting() -> None:
+            # The main thread is inside the timeline; it touches neither the codec nor the
+            # socket until this thread has ended.
+            while not done.wait(self.keepalive):
+                self.reply(C.ConsoleOutput(f"rrstub: still working on `monitor {command}` "
+                                           f"(at instruction {self.timeline.position})\n"))
+                self._flush()
+                self._serve_others()
+
+        helper = threading.Thread(target=keep_gdb_waiting, name="rrstub-keepalive", daemon=True)
+        helper.start()
         try:
             text = self._monitor_text(words)
         except TimelineError as e:
             text = f"error: {e}\n"
+        finally:
+            done.set()
+            helper.join()
         for i in range(0, len(text), 1000):
             self.reply(C.ConsoleOutput(text[i:i + 1000]))
         self.reply(C.Ok())
@@ -286,18 +409,8 @@ class Session:
                 lines.append(f"  {', '.join(names):<24} instruction {cp.position}"
                              f"{' (recorded)' if cp.recorded is not None else ''}\n")
             return "".join(lines) or "no markers\n"
-        if len(words) == 3 and words[:2] == ["marker", "add"]:
-            if _position_word(words[2]) is not None:
-                raise TimelineError(f"marker name {words[2]!r} looks like a position; use a name with a letter")
-            cp = t.add_marker(words[2])
-            from rrstub.edit import EditError, add_label
-            from rrstub.recording import RecordingError
-            try:
-                add_label(t.rec.path, words[2], cp.position)
-                kept = f"saved in {t.rec.path} (`rrstub info` lists it; --until/--go-live take it)"
-            except (EditError, RecordingError, OSError) as e:
-                kept = f"kept for this session only: {e}"
-            return f"marker {words[2]} at instruction {cp.position}: {kept}\n"
+        if words[:2] == ["marker", "add"]:
+            return self._marker_add(words[2:])
         if len(words) == 2 and words[0] == "goto":
             position = _position_word(words[1])
             if position is None:
@@ -308,8 +421,8 @@ class Session:
                 position = cp.position if cp is not None else label["position"]
             t.goto(position)
             self.last_stop = C.Stop(SIGTRAP, (), THREAD)
-            return (f"at instruction {t.position}; run `maint flush register-cache` (or `flushregs`) "
-                    "so gdb shows the new state\n")
+            return (f"at instruction {t.position}; gdb rereads the state by itself with "
+                    "examples/gdb/rrstub-hooks.gdb sourced, otherwise run `maint flush register-cache`\n")
         if words == ["info"]:
             rec = t.rec
             end = t.source.end
@@ -320,6 +433,25 @@ class Session:
                     f"  now at instruction {t.position}\n"
                     f"  {len(t.checkpoints)} checkpoints in memory, {t.pages.stored_bytes >> 10} KiB of pages\n")
         raise TimelineError(f"unknown monitor command {' '.join(words)!r}; `monitor help` lists them")
+
+
+    def _marker_add(self, names: list[str]) -> str:
+        """Name the current position in this session and, as a label, in the recording file."""
+        from rrstub.edit import EditError, add_label, check_label_name, recording_id
+        from rrstub.recording import RecordingError
+        t = self.timeline
+        name = " ".join(names)      # so that a name with spaces is refused with the rule
+        try:
+            check_label_name(t.rec, name)
+        except EditError as e:
+            raise TimelineError(str(e)) from None
+        cp = t.add_marker(name)
+        try:
+            add_label(t.rec.path, name, cp.position, expect_id=recording_id(t.rec))
+            kept = f"saved in {t.rec.path} (`rrstub info` lists it; --until/--go-live take it)"
+        except (EditError, RecordingError, OSError) as e:
+            kept = f"kept for this session only: {e}"
+        return f"marker {name} at instruction {cp.position}: {kept}\n"
 
 
 def _position_word(word: str) -> Optional[int]:
@@ -342,31 +474,165 @@ def parse_address(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]
         number = int(port)
     except ValueError:
         raise ValueError(f"{text!r} is not [HOST:]PORT (for example 1234 or 127.0.0.1:1234)") from None
-    if not 0 <= number <= 65535:
-        raise ValueError(f"port {number} is outside 0..65535")
-    return host or default_host, number
+    check_port(number)
+    return host.strip("[]") or default_host, number
+
+
+def check_port(port: int) -> None:
+    """ValueError unless ``port`` is a TCP port number (0: the system picks a free one)."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is outside 0..65535 (0 picks a free port)")
+
+
+def _addresses(host: str) -> list:
+    """The IP addresses ``host`` stands for; ValueError with a message when there are none."""
+    if not host.strip():
+        raise ValueError("the host is empty, which would listen on every interface: give an address "
+                         "(127.0.0.1, the default; ::1; or 0.0.0.0 for every interface)")
+    try:
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        pass
+    try:
+        found = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as e:
+        raise ValueError(f"cannot listen on {host!r}: {e.strerror}") from None
+    return [ipaddress.ip_address(info[4][0].split("%")[0]) for info in found]
+
+
+def exposure_warning(host: str, port: int) -> Optional[str]:
+    """Why listening on ``host`` is risky (None for loopback); ValueError for an unusable host."""
+    addresses = _addresses(host)
+    if all(a.is_loopback for a in addresses):
+        return None
+    where = "every interface" if any(a.is_unspecified for a in addresses) else host
+    return (f"listening on {where}: anyone who can reach this machine on port {port} can connect "
+            "and read the recorded guest's memory and registers. To debug from another machine "
+            "keep the default (127.0.0.1) and forward the port (ssh -L).")
+
+
+def connect_hint(host: str, port: int) -> str:
+    """What to type in gdb to reach a server listening on ``host``."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return f"target remote {host}:{port}"
+    if address.is_unspecified:
+        local = "[::1]" if address.version == 6 else "127.0.0.1"
+        return f"target remote {local}:{port} here, or target remote {socket.gethostname()}:{port} elsewhere"
+    return f"target remote [{address}]:{port}" if address.version == 6 else f"target remote {address}:{port}"
+
+
+class Refusals:
+    """Connections that arrive while a gdb is attached.
+
+    Each packet such a connection sends is answered with an error saying
+    why (gdb shows the first as a warning and gives up at the second); it is
+    closed when the client closes it or after ``timeout`` seconds.
+    """
+
+    def __init__(self, listener: socket.socket, log: Callable[[str], None], timeout: float):
+        self.listener = listener
+        self.log = log
+        self.timeout = timeout
+        self.attached = ""
+        self.waiting: dict[socket.socket, tuple[C.Codec, float]] = {}
+
+    def sockets(self) -> list[socket.socket]:
+        return [self.listener, *self.waiting]
+
+    def wait_at_most(self, timeout: Optional[float]) -> Optional[float]:
+        """``timeout``, shortened to the nearest deadline of a waiting connection."""
+        if not self.waiting:
+            return timeout
+        nearest = max(0.0, min(d for _, d in self.waiting.values()) - time.monotonic())
+        return nearest if timeout is None else min(timeout, nearest)
+
+    def serve(self, ready: list) -> None:
+        for sock in ready:
+            if sock is self.listener:
+                conn, peer = self.listener.accept()
+                self.log(f"refusing gdb from {_peer(peer)}: {self.attached} is attached")
+                if len(self.waiting) >= MAX_WAITING:
+                    conn.close()
+                    continue
+                conn.settimeout(1.0)    # a client that does not read cannot stall the server
+                self.waiting[conn] = (C.Codec(max_packet=PACKET_SIZE), time.monotonic() + self.timeout)
+            else:
+                self._answer(sock)
+        now = time.monotonic()
+        for sock in [s for s, (_, deadline) in self.waiting.items() if deadline <= now]:
+            self._close(sock)
+
+    def _answer(self, sock: socket.socket) -> None:
+        codec, _ = self.waiting[sock]
+        try:
+            data = sock.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            self._close(sock)
+            return
+        for e in codec.feed(data):
+            if isinstance(e, C.Packet):
+                codec.send(_error_text(f"rrstub serves one gdb at a time and {self.attached} is "
+                                       "attached: detach or quit that gdb, then connect again"))
+        try:
+            sock.sendall(codec.data_to_send())
+        except OSError:
+            self._close(sock)
+
+    def _close(self, sock: socket.socket) -> None:
+        del self.waiting[sock]
+        sock.close()
+
+    def close_all(self) -> None:
+        for sock in list(self.waiting):
+            self._close(sock)
+
+
+def _peer(peer) -> str:
+    host, port = peer[0], peer[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def serve(timeline: Timeline, host: str, port: int, *, log: Callable[[str], None] = lambda m: None,
-          ready: Callable[[int], None] = lambda port: None, clients: Optional[int] = None) -> None:
-    """Serve gdb clients one after another (``clients``: stop after that many; None: until Ctrl-C)."""
+          ready: Callable[[int], None] = lambda port: None, clients: Optional[int] = None,
+          handshake_timeout: float = HANDSHAKE_TIMEOUT, packet_timeout: float = PACKET_TIMEOUT,
+          keepalive: float = KEEPALIVE) -> None:
+    """Serve gdb clients one after another (``clients``: stop after that many sessions that
+    spoke the protocol; None: until Ctrl-C)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        listener = socket.create_server((host, port), reuse_port=False)
+        listener = socket.create_server((host, port), family=family, reuse_port=False)
     except OSError as e:
         raise OSError(f"cannot listen on {host}:{port}: {e.strerror}; pick another port with --port "
                       "(or --gdb HOST:PORT)") from None
+    kernel = timeline.rec.kernel_bytes()
+    path = hostio.exec_path(timeline.rec.path, timeline.rec.kernel_name)
     with listener:
         bound = listener.getsockname()[1]
         ready(bound)
+        others = Refusals(listener, log, handshake_timeout)
         served = 0
-        while clients is None or served < clients:
-            sock, peer = listener.accept()
-            served += 1
-            log(f"gdb connected from {peer[0]}:{peer[1]}")
-            with sock:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                Session(timeline, sock, log).run()
-            log(f"gdb disconnected; the recording stays at instruction {timeline.position}")
+        try:
+            while clients is None or served < clients:
+                sock, peer = listener.accept()
+                log(f"gdb connected from {_peer(peer)}")
+                others.attached = f"the gdb from {_peer(peer)}"
+                with sock:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    session = Session(timeline, sock, log, others=others,
+                                      files=hostio.HostFiles(path, kernel, PACKET_SIZE // 2 - 64),
+                                      handshake_timeout=handshake_timeout, packet_timeout=packet_timeout,
+                                      keepalive=keepalive)
+                    session.run()
+                if session.spoke:
+                    served += 1
+                    log(f"gdb disconnected; the recording stays at instruction {timeline.position}")
+                others.close_all()
+        finally:
+            others.close_all()
 
 
 def stderr_log(stream: TextIO = sys.stderr) -> Callable[[str], None]:

@@ -9,9 +9,8 @@ operands) and the implicit stack accesses of push, pop, call, ret, leave,
 pushf, popf and iret.
 
 Not seen: accesses made by the CPU itself (page-table walks, descriptor
-tables, the frame an interrupt pushes), and the operand of the first
-instruction of an interrupt handler, which runs in the same step as the
-interrupt's delivery.
+tables, the frame an interrupt or exception pushes).  A step that delivers
+an interrupt runs no instruction (the timeline skips its decoded operands).
 """
 from __future__ import annotations
 

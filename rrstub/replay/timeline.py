@@ -37,6 +37,7 @@ from rrstub import events as ev
 from rrstub.engines import Divergence, ExactEngine, LogSource, NEVER, Outcome, GUEST_ENDS
 from rrstub.markers import MarkerError, decode_marker
 from rrstub.recording import Recording
+from rrstub.session import EXIT_TERMINATED
 from rrstub.replay.accesses import READ, memory_accesses
 from vmm import paging, snapshot
 from vmm.kvm import VcpuState, _check
@@ -396,6 +397,7 @@ class Timeline:
         if cp.inject_pending:
             e.inject_pending_at = cp.position
             e.ctl.flags |= lib.RR_STEP_SKIP_BREAK
+        e.resume_delivery()
         e._sync_vcpu_flags()
         if cp.marker_point:
             e.after_point(False)    # a recorded marker was taken before its point's injection
@@ -409,7 +411,10 @@ class Timeline:
         e = self.engine
         pos = e.ctl.icount
         if self._access_watches:
-            hit = self._accessed(self._next_accesses)
+            # A step that delivered an interrupt ran no instruction: the
+            # accesses decoded before it belong to the step after the iretq.
+            delivered = e.inject_pending_at == pos - 1 and e.landings
+            hit = None if delivered else self._accessed(self._next_accesses)
             if hit is not None and pos > self._run_from:
                 self._access_hits.append((pos - 1, hit))
                 if self._stop_on_access:
@@ -502,7 +507,8 @@ class Timeline:
         what = {"exit": f"the guest exited with status {status}", "reset": "the guest reset itself",
                 "crash": "the guest crashed", "hung": "the guest hung: nothing could wake it",
                 "timeout": "the recorder's --timeout ended the recording",
-                "interrupted": "the recording was stopped with Ctrl-C",
+                "interrupted": "the recording was stopped by "
+                               + ("SIGTERM" if status == EXIT_TERMINATED else "Ctrl-C"),
                 "incomplete": "the recording is incomplete: its writer was killed"}.get(reason, reason)
         return Stop("end", self.position, detail=f"end of the recording at instruction {self.position}: {what}")
 

@@ -5,7 +5,11 @@ is made per module and served by a fresh ``rrstub serve --port 0``
 subprocess for each test; gdb loads ``race.elf`` for symbols and connects
 with ``-target-select remote``.  Protocol robustness is tested with raw
 sockets against the same server, and every raw test ends by checking
-that a real gdb can still connect and ask ``monitor when``.
+that a real gdb can still connect and ask ``monitor when``.  The last
+section treats the server as a service: a second gdb, gdb without a file
+(the recorded kernel comes over host I/O), the hooks in examples/gdb,
+labels, and the addresses it listens on.  Positions come from the
+recording (``monitor when``), never from an assumed instruction count.
 
 MI notes (see DESIGN.md, "GDB 13, seen from the stub"): every command is
 sent with a numeric token and its ``^result`` is matched by that token; a
@@ -86,27 +90,29 @@ def race(kernels, tmp_path_factory) -> Recorded:
 class Server:
     """``rrstub serve REC --port 0 --clients N`` as a subprocess; ``port`` parsed from its stderr."""
 
-    def __init__(self, rec: Path, clients: int, folder: Path):
+    def __init__(self, rec: Path, clients: int, folder: Path, options: tuple = (), ready=READY):
         self.serial = folder / "serial.out"
         self.lines: list[str] = []
         self._port_seen = threading.Event()
         with open(self.serial, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "rrstub", "serve", str(rec), "--port", "0", "--clients", str(clients)],
+                [sys.executable, "-m", "rrstub", "serve", str(rec), "--port", "0", "--clients", str(clients),
+                 *options],
                 cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.PIPE)
+        self.ready = ready
         self._reader = threading.Thread(target=self._read_stderr, daemon=True)
         self._reader.start()
         if not self._port_seen.wait(30):
             self.stop()
             pytest.fail(f"rrstub serve did not start listening:\n{self.log}")
-        m = READY.search(self.log)
+        m = ready.search(self.log)
         assert m.group(1) == m.group(2)
         self.port = int(m.group(1))
 
     def _read_stderr(self) -> None:
         for raw in self.proc.stderr:
             self.lines.append(raw.decode(errors="replace"))
-            if READY.search(self.lines[-1]):
+            if self.ready.search(self.lines[-1]):
                 self._port_seen.set()
 
     @property
@@ -224,24 +230,34 @@ class Stopped:
 
 @dataclass
 class Gdb:
-    """gdb 13 in MI mode (pygdbmi), connected to a server; commands are matched by token."""
-    elf: Path
+    """gdb 13 in MI mode (pygdbmi), connected to a server; commands are matched by token.
+    ``elf`` None: no file, gdb takes the one the server offers."""
+    elf: Optional[Path]
     port: int
     async_mode: bool = False
     settings: tuple = ()                            # more `-gdb-set`s before connecting
+    host: str = "127.0.0.1"
+    sources: tuple = ()                             # gdb command files sourced before connecting
+    connect_text: str = ""                          # what gdb printed while connecting
     records: list = field(default_factory=list)     # read from gdb, not consumed yet
     transcript: list = field(default_factory=list)  # everything read, for failure messages
 
     def __post_init__(self):
         self.token = 100
-        self.ctl = GdbController(["gdb", "--nx", "--quiet", "--interpreter=mi3", str(self.elf)],
+        self.ctl = GdbController(["gdb", "--nx", "--quiet", "--interpreter=mi3",
+                                  *([str(self.elf)] if self.elf else [])],
                                  time_to_check_for_additional_output_sec=0.01)
         try:
             for setting in ("confirm off", "pagination off", "width 0", "remotetimeout 30", *self.settings):
                 self.cmd(f"-gdb-set {setting}")
             if self.async_mode:
                 self.cmd("-gdb-set mi-async on")
-            self.cmd(f"-target-select remote 127.0.0.1:{self.port}", timeout=30)
+            for path in self.sources:
+                self.console(f"source {path}")
+            r, before = self.result(self.send(f"-target-select remote {self.host}:{self.port}"), timeout=30)
+            if r["message"] == "error":
+                raise GdbError(r["payload"]["msg"])
+            self.connect_text = _console(before)
         except BaseException:
             self.close()
             raise
@@ -368,8 +384,8 @@ def debug(race, tmp_path):
             made.append(gdb)
         return server, gdb
 
-    def connect(server: Server, async_mode: bool = False, settings: tuple = ()) -> Gdb:
-        gdb = Gdb(race.elf, server.port, async_mode=async_mode, settings=settings)
+    def connect(server: Server, async_mode: bool = False, settings: tuple = (), elf=race.elf) -> Gdb:
+        gdb = Gdb(elf, server.port, async_mode=async_mode, settings=settings)
         made.append(gdb)
         return gdb
 
@@ -588,6 +604,36 @@ def test_reverse_finish_returns_to_the_call_site(debug):
     assert server.alive()
 
 
+@pytest.mark.timeout(120)
+def test_thread_entry_breakpoints_are_hit_once_per_thread_both_ways(debug):
+    """Each worker starts where an iretq of the timer handler returns: never a skipped stop."""
+    server, gdb = debug()
+    gdb.break_insert("worker")
+    forward = []
+    while (stop := gdb.run("-exec-continue", timeout=60)).reason == "breakpoint-hit":
+        assert stop.frame["func"] == "worker", stop
+        forward.append(gdb.when()[0])
+    assert NO_HISTORY in stop.console, stop
+    assert len(forward) == 3 and len(set(forward)) == 3          # race.c: WORKERS
+
+    gdb.cmd("-break-delete")
+    gdb.cmd("-break-insert -h worker")
+    backward = []
+    while (stop := gdb.run("-exec-continue --reverse", timeout=60)).reason == "breakpoint-hit":
+        backward.append(gdb.when()[0])
+    assert NO_HISTORY in stop.console and gdb.when()[0] == 0, stop
+    assert backward == forward[::-1]
+
+    # reverse-finish from inside a worker: back over its entry, to the iretq that started it.
+    gdb.goto(forward[1] + 5)
+    gdb.cmd("-break-delete")
+    stop = gdb.run("-exec-finish --reverse", timeout=60)
+    assert gdb.when()[0] == forward[1] - 1, stop
+    insn = gdb.cmd("-data-disassemble -s $pc -e $pc+1 -- 0")["asm_insns"][0]
+    assert insn["inst"].startswith("iretq"), insn
+    assert server.alive()
+
+
 # ---------------------------------------------------------------------------
 # 5.-7. raw clients: bad packets, a client that leaves while running, Ctrl-C
 
@@ -655,8 +701,7 @@ def test_interrupt_a_continue_from_gdb(debug):
     assert start == 0
     r, _ = gdb.result(gdb.send("-exec-continue"))
     assert r["message"] == "running", r
-    time.sleep(0.4)     # the whole replay takes over a second
-    gdb.cmd("-exec-interrupt")
+    gdb.cmd("-exec-interrupt")   # at once: the server looks for it every 4096 instructions
     stop = gdb.stopped(timeout=20)
     assert stop.reason == "signal-received", stop
     assert stop.payload["signal-name"] == "SIGINT"
@@ -672,8 +717,7 @@ def test_interrupt_a_continue_raw(debug):
     try:
         _handshake(raw)
         raw.send(packet(b"c"))
-        time.sleep(0.4)     # the whole replay takes over a second
-        raw.send(b"\x03")
+        raw.send(b"\x03")      # at once: the server looks for it every 4096 instructions
         assert raw.ack(20) == b"+"      # (the ack of the c: see test_a_continue_is_acked_at_once)
         reply = raw.frame(timeout=20)[1:-3]
         assert reply.startswith(b"T02"), reply
@@ -787,4 +831,150 @@ def test_gdb_in_ack_mode_continues_to_a_breakpoint_a_second_away(debug):
     position, last = gdb.when()
     assert position < last
     assert gdb.integer("$pc") == int(bkpt["addr"], 16)
+    assert server.alive()
+
+
+# ---------------------------------------------------------------------------
+# The server as a service: one gdb at a time, the recorded kernel, monitor goto, labels, addresses
+
+
+@pytest.mark.timeout(60)
+def test_gdb_without_a_file_debugs_with_the_recorded_kernel(debug, race):
+    server, _ = debug(connect=False)
+    gdb = debug.connect(server, elf=None)
+    assert gdb.frame()["func"] == "_start"
+    gdb.break_insert("increment")
+    stop = gdb.run("-exec-continue")
+    assert stop.frame["func"] == "increment" and int(stop.frame["line"]) == LINE_SEEN, stop
+    files = gdb.console("info files")
+    assert "target:/rrstub/race.rrr/race.elf" in files, files
+    assert server.alive()
+
+
+@pytest.mark.timeout(60)
+def test_info_kernel_out_writes_the_recorded_kernel(race, tmp_path):
+    out = tmp_path / "kernel.elf"
+    r = rrstub("info", str(race.path), "--kernel-out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == race.elf.read_bytes()
+    assert f"to {out}" in r.stderr.decode()
+    r = rrstub("info", str(race.path), "--kernel-out", str(tmp_path / "no" / "such" / "dir"))
+    assert r.returncode == 2 and r.stderr.decode().count("\n") == 1, r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_second_gdb_is_told_why_and_the_first_keeps_its_session(debug):
+    server, first = debug(clients=2)
+    first.goto(1000)
+    with pytest.raises(GdbError) as refused:
+        debug.connect(server)
+    assert "one gdb at a time" in str(refused.value), refused.value
+    assert first.when()[0] == 1000
+    assert "refusing gdb" in server.log
+    assert server.alive()
+
+
+HOOKS = ROOT / "examples" / "gdb" / "rrstub-hooks.gdb"
+
+
+@pytest.mark.timeout(60)
+def test_monitor_goto_makes_gdb_and_mi_show_the_new_place(debug):
+    server, gdb = debug()
+    gdb.console(f"source {HOOKS}")
+    gdb.break_insert("increment")
+    gdb.run("-exec-continue")
+    assert gdb.frame()["func"] == "increment"
+    entry = gdb.integer("$pc")
+    start = gdb.when()[0]
+
+    r, before = gdb.result(gdb.send('-interpreter-exec console "monitor goto 0"'), timeout=30)
+    assert r["message"] == "done", r
+    # An IDE refreshes its views on *stopped (gdb sends it before the command's ^done).
+    stops = [x["payload"] for x in before if x["type"] == "notify" and x["message"] == "stopped"]
+    assert [s["frame"]["func"] for s in stops] == ["_start"], before
+    assert gdb.when()[0] == 0
+    assert gdb.frame()["func"] == "_start"
+    assert gdb.integer("$pc") != entry      # no `maint flush register-cache` needed
+    assert gdb.integer("counter") == 0
+
+    gdb.console(f"monitor goto {start}")
+    assert gdb.integer("$pc") == entry and gdb.frame()["func"] == "increment"
+    assert server.alive()
+
+
+@pytest.mark.timeout(60)
+def test_marker_add_writes_a_label_and_never_into_a_replaced_file(race, kernels, tmp_path, debug):
+    served = tmp_path / "served.rrr"
+    served.write_bytes(race.path.read_bytes())
+    server = Server(served, 1, tmp_path)
+    try:
+        gdb = Gdb(race.elf, server.port)
+        try:
+            gdb.goto(1000)
+            for bad in ("m0", "start", "two words"):
+                text = gdb.console(f"monitor marker add {bad}")
+                assert "error:" in text and "a label name starts with a letter" in text, text
+            text = gdb.console("monitor marker add here")
+            assert "saved in" in text, text
+            r = rrstub("info", str(served), "--json")
+            assert [{"name": "here", "position": 1000}] == __import__("json").loads(r.stdout)["labels"]
+
+            other = tmp_path / "other.rrr"
+            r = rrstub("record", str(kernels / "hello.elf"), "-o", str(other), "--mode", "exact")
+            assert r.returncode == 0, r.stderr
+            other.replace(served)
+            before = served.read_bytes()
+            text = gdb.console("monitor marker add there")
+            assert "kept for this session only" in text and "no longer the recording" in text, text
+            assert served.read_bytes() == before
+        finally:
+            gdb.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("args, message", [
+    (("--port", "-1"), "0..65535"), (("--port", "65536"), "0..65535"),
+    (("--host", ""), "every interface")])
+def test_serve_refuses_bad_addresses_in_one_line(race, args, message):
+    r = rrstub("serve", str(race.path), *args)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.timeout(60)
+def test_serve_on_every_interface_warns_and_ipv6_loopback_works(race, tmp_path):
+    ready_any = re.compile(r"waiting for gdb on 0\.0\.0\.0:(\d+) \(in gdb: target remote 127\.0\.0\.1:(\d+) here")
+    server = Server(race.path, 1, tmp_path, ("--host", "0.0.0.0", "--clients", "1"), ready=ready_any)
+    try:
+        assert "anyone who can reach this machine" in server.log and "target remote 0.0.0.0" not in server.log
+    finally:
+        server.stop()
+    ready_v6 = re.compile(r"waiting for gdb on ::1:(\d+) \(in gdb: target remote \[::1\]:(\d+)\)")
+    server = Server(race.path, 1, tmp_path, ("--host", "::1"), ready=ready_v6)
+    try:
+        assert "warning" not in server.log
+        gdb = Gdb(race.elf, server.port, host="[::1]")
+        try:
+            assert gdb.when()[0] == 0
+        finally:
+            gdb.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(60)
+def test_the_hooks_warn_when_gdb_reads_another_kernel(debug, race, kernels):
+    server, _ = debug(clients=2, connect=False)
+    gdb = Gdb(race.elf, server.port, sources=(HOOKS,))
+    try:
+        assert "Section .text" in gdb.connect_text and "MIS-MATCHED" not in gdb.connect_text, gdb.connect_text
+    finally:
+        gdb.close()
+    gdb = Gdb(kernels / "hello.elf", server.port, sources=(HOOKS,))
+    try:
+        assert "MIS-MATCHED" in gdb.connect_text, gdb.connect_text     # (and a warning on gdb's log stream)
+    finally:
+        gdb.close()
     assert server.alive()

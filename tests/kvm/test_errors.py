@@ -1,6 +1,7 @@
 """Errors a user can act on, from real guests: each names what happened and what to do."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -117,10 +118,23 @@ def test_kernel_that_does_not_fit_in_memory(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+def has_vcpu(pid: int) -> bool:
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("anon_inode:kvm-vcpu"):
+                return True
+        except FileNotFoundError:
+            pass
+    return False
+
+
 def test_ctrl_c_stops_a_running_guest(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "rrstub", "run", kernel(tmp_path, b"\xeb\xfe")],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(1.0)  # past interpreter start-up: the guest is spinning in KVM_RUN
+    while not has_vcpu(proc.pid):   # past interpreter start-up, however long it takes: a vCPU exists
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.01)
+    time.sleep(0.2)                  # usually spinning in KVM_RUN by now; if not, the same must happen
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 130

@@ -38,7 +38,7 @@ from unittest import mock
 
 import pytest
 
-from conftest import ROOT, rrstub
+from conftest import ROOT, marker_every, rrstub
 from elfgen import make_elf
 from test_examples import RACE_LINE
 from rrstub import cli, session
@@ -52,10 +52,9 @@ pytestmark = [pytest.mark.kvm, pytest.mark.timeout(120)]
 MODES = ("fast", "exact")
 MEM = "4M"
 RACE_RUNS = 10
-RACE_ARGS = {"fast": ["--cmdline", "increments=3000", "--marker-every", "0.05"],
-             "exact": ["--cmdline", "increments=1000", "--marker-every", "0.015"]}
-TICKS_ARGS = {"fast": ["--marker-every", "0.1"],
-              "exact": ["--cmdline", "work=15000", "--marker-every", "0.02"]}
+RACE_WORK = {"fast": ("--cmdline", "increments=3000"), "exact": ("--cmdline", "increments=1000")}
+TICKS_WORK = {"fast": (), "exact": ("--cmdline", "work=15000")}
+MARKERS = 6     # about this many markers per recording, whatever the host's speed
 TICKS_LINE = re.compile(rb"^ticks: (\d+) work: (0x[0-9a-f]{8})\n\Z")
 END = -1   # Seen.marker of the state where the run ended
 
@@ -127,6 +126,11 @@ def _load_seen(report: Path) -> list[Seen]:
 
 def record(kernel: Path, rec: Path, mode: str, *args: str) -> subprocess.CompletedProcess:
     return rrstub("record", str(kernel), "-o", str(rec), "--mode", mode, "--mem", MEM, "-q", *args)
+
+
+def with_markers(kernel: Path, mode: str, work: tuple) -> tuple:
+    """``work`` plus a --marker-every that gives about MARKERS markers on this host."""
+    return (*work, "--marker-every", marker_every(MARKERS, kernel, "--mode", mode, "--mem", MEM, *work))
 
 
 def record_piped(kernel: Path, rec: Path, mode: str, pieces: Iterable[tuple[bytes, float]],
@@ -224,9 +228,10 @@ def race_recordings(kernels, tmp_path_factory):
         if mode not in made:
             folder = tmp_path_factory.mktemp(f"race-{mode}")
             runs = []
+            args = with_markers(kernels / "race.elf", mode, RACE_WORK[mode])
             for i in range(RACE_RUNS):
                 rec = folder / f"race{i}.rrr"
-                r = record(kernels / "race.elf", rec, mode, *RACE_ARGS[mode])
+                r = record(kernels / "race.elf", rec, mode, *args)
                 assert r.returncode in (0, 1), r.stderr
                 runs.append((rec, r.stdout, r.returncode))
             made[mode] = runs
@@ -280,7 +285,7 @@ def test_race_replays_three_times_identically(race_recordings, mode, tmp_path):
 @pytest.mark.parametrize("mode", MODES)
 def test_ticks_records_and_replays_exactly(kernels, tmp_path, mode):
     rec = tmp_path / "ticks.rrr"
-    r = record(kernels / "ticks.elf", rec, mode, *TICKS_ARGS[mode])
+    r = record(kernels / "ticks.elf", rec, mode, *with_markers(kernels / "ticks.elf", mode, TICKS_WORK[mode]))
     assert r.returncode == 0, r.stderr
     recorded = TICKS_LINE.match(r.stdout)
     assert recorded, r.stdout
@@ -372,16 +377,16 @@ def test_replay_until_a_marker_stops_at_it(race_recordings, tmp_path, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_replay_at_realtime_takes_the_recorded_guest_time(kernels, tmp_path, mode):
-    # The guest idles a second waiting for input: replay at max speed skips that, realtime must not.
+    # The guest idles a while waiting for input: replay at max speed skips that, realtime must not.
     # Markers every 10 ms: replay paces at points with and without a recorded clock value.
     rec = tmp_path / "echo.rrr"
     status, recorded, err = record_piped(kernels / "echo.elf", rec, mode,
-                                         [(b"hello\n", 1.0), (b"quit\n", 0)], "--marker-every", "0.01",
+                                         [(b"hello\n", 2.0), (b"quit\n", 0)], "--marker-every", "0.01",
                                          timeout=15)
     assert status == 0, err
     assert recorded == b"HELLO\nbye\n"
     guest = guest_seconds(rec)
-    assert guest >= 0.5  # the recorder starts up while the first line waits in the pipe
+    assert guest >= 0.5  # the recorder starts up (in under 1.5 s) while the first line waits in the pipe
     fastest, _, _ = replay_observed(rec)
     assert fastest.host_seconds < guest / 2
     started = time.monotonic()
@@ -441,3 +446,35 @@ def test_a_triple_fault_replays_to_the_same_crash(tmp_path, mode):
     for text in (r.stderr, p.stderr):
         assert b"triple-faulted" in text and b"rip=0000000000100002" in text
     assert b"replayed crash (status 70)" in p.stderr and b"matched the recording" in p.stderr
+
+
+# -- positions outside the recording, and what `record -o` may replace ----------------------------
+
+def test_positions_outside_the_recording_are_refused_up_front(kernels, tmp_path):
+    """--until, --from and --go-live take the range `info --json` reports, and nothing past it."""
+    rec = tmp_path / "hello.rrr"
+    assert rrstub("record", str(kernels / "hello.elf"), "-o", str(rec), "--mode", "fast", "-q").returncode == 0
+    info = json.loads(rrstub("info", "--json", str(rec)).stdout)
+    first, last = info["first_position"], info["last_position"]
+    assert first == 0 < last
+    for option in ("--until", "--from", "--go-live"):
+        r = rrstub("replay", str(rec), option, str(last + 1))
+        assert r.returncode == 2 and r.stdout == b"", r.stderr
+        assert r.stderr == (f"rrstub: {option} {last + 1}: the recording has exits {first}..{last}; "
+                            f"it ends before reaching {last + 1}\n").encode()
+    r = rrstub("replay", str(rec), "--until", str(last))
+    assert r.returncode == 0, r.stderr
+
+
+def test_record_force_replaces_a_recording_and_nothing_else(kernels, tmp_path):
+    rec = tmp_path / "hello.rrr"
+    hello = ("record", str(kernels / "hello.elf"), "-o", str(rec), "--mode", "fast", "-q")
+    assert rrstub(*hello).returncode == 0
+    first = Recording.open(rec)
+    first_id = first.config["id"]
+    first.close()
+    r = rrstub(*hello)
+    assert r.returncode == 2 and b"is an existing recording: give --force" in r.stderr
+    assert rrstub(*hello, "--force").returncode == 0
+    with Recording.open(rec) as again:
+        assert again.config["id"] != first_id and not again.recovered

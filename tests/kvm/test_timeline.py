@@ -7,18 +7,20 @@ import random
 
 import pytest
 
-from conftest import rrstub
+from conftest import marker_every, rrstub
 from rrstub.replay.timeline import CHECKPOINT_EVERY, Timeline, TimelineError
 
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(180)]
 
+RACE = ("--mode", "exact", "--mem", "4M", "--cmdline", "increments=2000", "--timeout", "60")
+
 
 @pytest.fixture(scope="module")
 def exact_recording(kernels, tmp_path_factory):
-    """race, exact, with recorded markers every 10 ms of guest time (about a dozen)."""
+    """race, exact, with about a dozen recorded markers."""
     path = tmp_path_factory.mktemp("timeline") / "race.rrr"
-    r = rrstub("record", str(kernels / "race.elf"), "-o", str(path), "--mode", "exact", "--mem", "4M",
-               "--cmdline", "increments=2000", "--marker-every", "0.01", "--timeout", "60", timeout=120)
+    r = rrstub("record", str(kernels / "race.elf"), "-o", str(path), *RACE, "--marker-every",
+               marker_every(12, kernels / "race.elf", *RACE), timeout=120)
     assert r.returncode == 1, r.stderr      # race exits 1: it lost updates
     return path, r.stdout
 

@@ -2,13 +2,12 @@
 rolling recording, going live into branches, guest-controlled recording, named markers, labels."""
 from __future__ import annotations
 
-import json
 import os
 import re
 
 import pytest
 
-from conftest import rrstub
+from conftest import guest_seconds, marker_every, recording_info as info, rrstub
 from rrstub.edit import add_label
 from rrstub.recording import Recording
 from rrstub.replay.timeline import Timeline
@@ -16,22 +15,18 @@ from rrstub.replay.timeline import Timeline
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(180)]
 
 RACE = ("--mode", "exact", "--mem", "4M", "--cmdline", "increments=2000", "--timeout", "60")
+FAST_RACE = ("--mode", "fast", "--cmdline", "increments=3000", "--timeout", "60")
 
 
 @pytest.fixture(scope="module")
 def race(kernels, tmp_path_factory):
-    """race, exact, a marker every 10 ms of guest time (about 14)."""
+    """race, exact, about 16 markers (m0 and automatic ones)."""
     path = tmp_path_factory.mktemp("workflow") / "race.rrr"
-    r = rrstub("record", str(kernels / "race.elf"), "-o", str(path), *RACE, "--marker-every", "0.01",
-               timeout=120)
+    r = rrstub("record", str(kernels / "race.elf"), "-o", str(path), *RACE, "--marker-every",
+               marker_every(16, kernels / "race.elf", *RACE), timeout=120)
     assert r.returncode == 1, r.stderr
+    assert len(info(path)["markers"]) >= 10, "too few markers for the tests below"
     return path, r.stdout
-
-
-def info(path) -> dict:
-    r = rrstub("info", str(path), "--json")
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
 
 
 def replays(path, *args) -> tuple[int, bytes, str]:
@@ -42,15 +37,18 @@ def replays(path, *args) -> tuple[int, bytes, str]:
 
 def test_crop_between_markers_replays_and_verifies(race, tmp_path):
     path, _ = race
+    original = info(path)
+    count = len(original["markers"])
+    first, last = count // 4, 3 * count // 4       # inside the recording, after m1
     out = tmp_path / "part.rrr"
-    r = rrstub("crop", str(path), "--from", "m3", "--to", "m9", "-o", str(out), timeout=120)
+    r = rrstub("crop", str(path), "--from", f"m{first}", "--to", f"m{last}", "-o", str(out), timeout=120)
     assert r.returncode == 0, r.stderr
     assert b"verified" in r.stderr
-    original, part = info(path), info(out)
-    assert part["markers"][0]["position"] == original["markers"][3]["position"]
-    assert part["markers"][0]["full"] and len(part["markers"]) == 7
-    assert part["end"]["position"] == original["markers"][9]["position"]
-    assert part["derived"]["from_id"] == original["id"] and part["derived"]["from_marker"] == 3
+    part = info(out)
+    assert part["markers"][0]["position"] == original["markers"][first]["position"]
+    assert part["markers"][0]["full"] and len(part["markers"]) == last - first + 1
+    assert part["end"]["position"] == original["markers"][last]["position"]
+    assert part["derived"]["from_id"] == original["id"] and part["derived"]["from_marker"] == first
     assert part["file_bytes"] < original["file_bytes"]
     status, _, _ = replays(out)
     assert status == 0
@@ -72,13 +70,17 @@ def test_crop_refuses_bad_markers_naming_them(race, tmp_path):
 
 def test_rolling_keeps_the_last_window_and_replays(kernels, tmp_path):
     out = tmp_path / "roll.rrr"
-    r = rrstub("record", str(kernels / "race.elf"), "-o", str(out), *RACE, "--rolling", "0.03", timeout=120)
+    window = round(guest_seconds(kernels / "race.elf", *RACE) / 5, 6)     # room for a few rebases
+    r = rrstub("record", str(kernels / "race.elf"), "-o", str(out), *RACE, "--rolling", str(window),
+               timeout=120)
     assert r.returncode == 1, r.stderr
     assert b"rolling: dropped guest time" in r.stderr
     i = info(out)
     assert i["markers"][0]["full"] and i["markers"][0]["position"] > 0
     first_s = i["markers"][0]["guest_s"]
-    assert 0.03 <= i["end"]["guest_s"] - first_s <= 0.03 * 1.5 + 0.01
+    # At least the window; at most 1.5 windows, plus up to a marker interval (a quarter window)
+    # until the next marker would rebase.
+    assert window <= i["end"]["guest_s"] - first_s <= window * 1.5 + window / 3
     assert i["rolling"]["rebases"] >= 2
     status, stdout, _ = replays(out)
     assert status == 1 and b"race: counter=" in stdout
@@ -87,8 +89,9 @@ def test_rolling_keeps_the_last_window_and_replays(kernels, tmp_path):
 def test_quota_stops_recording_within_one_chunk(kernels, tmp_path):
     out = tmp_path / "q.rrr"
     quota = 100 * 1024
-    r = rrstub("record", str(kernels / "race.elf"), "-o", str(out), *RACE, "--marker-every", "0.001",
-               "--quota", "100K", timeout=120)
+    # About 150 markers of about 1.5 KB: the whole run would take twice the quota.
+    r = rrstub("record", str(kernels / "race.elf"), "-o", str(out), *RACE, "--marker-every",
+               marker_every(150, kernels / "race.elf", *RACE), "--quota", "100K", timeout=120)
     assert r.returncode == 75, r.stderr
     assert b"reached --quota" in r.stderr
     with Recording.open(out) as rec:
@@ -101,8 +104,10 @@ def test_quota_stops_recording_within_one_chunk(kernels, tmp_path):
 def test_rolling_with_quota_drops_the_oldest_part(kernels, tmp_path):
     out = tmp_path / "rq.rrr"
     quota = 100 * 1024
-    r = rrstub("record", str(kernels / "race.elf"), "-o", str(out), *RACE, "--marker-every", "0.001",
-               "--quota", "100K", "--rolling", "10", timeout=120)
+    whole_run = guest_seconds(kernels / "race.elf", *RACE)
+    r = rrstub("record", str(kernels / "race.elf"), "-o", str(out), *RACE, "--marker-every",
+               marker_every(150, kernels / "race.elf", *RACE), "--quota", "100K",
+               "--rolling", str(round(whole_run * 10, 6)), timeout=120)   # only the quota drops anything
     assert r.returncode == 1, r.stderr          # the guest's own end: nothing stopped it
     assert b"neared --quota" in r.stderr
     with Recording.open(out) as rec:
@@ -115,13 +120,15 @@ def test_rolling_with_quota_drops_the_oldest_part(kernels, tmp_path):
 
 def test_go_live_from_a_marker_records_a_branch_that_replays(race, tmp_path):
     path, _ = race
+    parent = info(path)
+    middle = len(parent["markers"]) // 2
     branch = tmp_path / "branch.rrr"
-    r = rrstub("replay", str(path), "--go-live", "m5", "-o", str(branch), timeout=120)
+    r = rrstub("replay", str(path), "--go-live", f"m{middle}", "-o", str(branch), timeout=120)
     assert r.returncode == 1, r.stderr
     assert b"race: counter=" in r.stdout and b"live from instruction" in r.stderr
-    parent, child = info(path), info(branch)
+    child = info(branch)
     assert child["parent"]["id"] == parent["id"]
-    assert child["parent"]["position"] == parent["markers"][5]["position"]
+    assert child["parent"]["position"] == parent["markers"][middle]["position"]
     assert child["markers"][0]["origin"] == "branch" and child["markers"][0]["full"]
     status, stdout, _ = replays(branch)
     assert status == 1 and stdout == r.stdout       # the same live run, replayed on its own
@@ -129,10 +136,13 @@ def test_go_live_from_a_marker_records_a_branch_that_replays(race, tmp_path):
 
 def test_go_live_between_markers_and_without_keeping(race, tmp_path):
     path, _ = race
+    markers = info(path)["markers"]
+    middle = len(markers) // 2
+    between = (markers[middle]["position"] + markers[middle + 1]["position"]) // 2
     branch = tmp_path / "b2.rrr"
-    r = rrstub("replay", str(path), "--go-live", "100001", "-o", str(branch), timeout=120)
+    r = rrstub("replay", str(path), "--go-live", str(between), "-o", str(branch), timeout=120)
     assert r.returncode == 1, r.stderr
-    assert info(branch)["parent"]["position"] == 100001
+    assert info(branch)["parent"]["position"] == between
     replays(branch)
     r = rrstub("replay", str(path), "--go-live", "m2", timeout=120)
     assert r.returncode == 1 and b"not recorded" in r.stderr
@@ -142,11 +152,15 @@ def test_go_live_between_markers_and_without_keeping(race, tmp_path):
 
 def test_go_live_from_a_fast_recording(kernels, tmp_path):
     rec, branch = tmp_path / "fast.rrr", tmp_path / "fb.rrr"
-    r = rrstub("record", str(kernels / "race.elf"), "-o", str(rec), "--mode", "fast", "--marker-every",
-               "0.1", "--cmdline", "increments=3000", "--timeout", "60", timeout=120)
+    r = rrstub("record", str(kernels / "race.elf"), "-o", str(rec), *FAST_RACE, "--marker-every",
+               marker_every(8, kernels / "race.elf", *FAST_RACE), timeout=120)
     assert r.returncode == 1, r.stderr
-    r = rrstub("replay", str(rec), "--go-live", "m2", "-o", str(branch), timeout=120)
+    markers = info(rec)["markers"]
+    assert len(markers) >= 2, markers       # live runs vary in length, but never by a factor of 8
+    middle = len(markers) // 2
+    r = rrstub("replay", str(rec), "--go-live", f"m{middle}", "-o", str(branch), timeout=120)
     assert r.returncode == 1, r.stderr
+    assert info(branch)["parent"]["position"] == markers[middle]["position"]
     replays(branch)
 
 
@@ -175,31 +189,43 @@ def test_guest_record_needs_permission(kernels, tmp_path):
     assert r.returncode == 2 and b"go together" in r.stderr
 
 
+def catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` now (SigCgt in /proc/PID/status)."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
 def test_signal_markers_are_named(kernels, tmp_path):
     import signal
     import subprocess
     import sys
     import time
     out = tmp_path / "s.rrr"
+    # A guest that outlasts --timeout: the recorder is running it whenever the signal arrives.
     proc = subprocess.Popen([sys.executable, "-m", "rrstub", "record", str(kernels / "ticks.elf"), "-o",
-                             str(out), "--mode", "exact", "--cmdline", "work=400000", "--timeout", "60"],
+                             str(out), "--mode", "exact", "--cmdline", "work=4000000000", "--timeout", "4"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    time.sleep(2.0)
+    while not catches(proc.pid, signal.SIGUSR1):    # the recorder takes SIGUSR1 once the guest runs
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.01)
     proc.send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    names = [m["name"] for m in info(out)["markers"]]
-    assert "signal-1" in names
+    assert proc.returncode == 124, err
+    markers = info(out)["markers"]
+    assert [m["name"] for m in markers if m["origin"] == "signal"] == ["signal-1"], markers
 
 
 def test_labels_are_saved_and_taken_by_until(race, tmp_path):
     path, _ = race
     copy = tmp_path / "labelled.rrr"
     copy.write_bytes(path.read_bytes())
-    add_label(str(copy), "here", 123456)
+    middle = info(path)["end"]["position"] // 2
+    add_label(str(copy), "here", middle)
     i = info(copy)
-    assert i["labels"] == [{"name": "here", "position": 123456}]
+    assert i["labels"] == [{"name": "here", "position": middle}]
     assert b"here" in rrstub("info", str(copy)).stdout
     r = rrstub("replay", str(copy), "--until", "here", timeout=120)
-    assert r.returncode == 0 and b"stopped at instruction 123456" in r.stderr
+    assert r.returncode == 0 and f"stopped at instruction {middle}".encode() in r.stderr
     rrstub("info", str(copy), "--verify").check_returncode()

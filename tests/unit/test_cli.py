@@ -64,8 +64,8 @@ def test_missing_kernel_and_missing_serial_input(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--mem", "lots"], b"not a size"),
-    (["--mem", "1M"], b"between 2 MiB and 3 GiB"),
-    (["--timeout", "-1"], b"more than 0 seconds"),
+    (["--mem", "1M"], b"1M is out of range: give a size from 2M to 3G"),
+    (["--timeout", "-1"], b"-1 is out of range: give seconds from 0.001 to"),
 ])
 def test_bad_arguments(tmp_path, args, message):
     kernel = tmp_path / "k.elf"

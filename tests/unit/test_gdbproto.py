@@ -304,7 +304,13 @@ REQUESTS = [
     (b"qThreadExtraInfo,p1.1", c.Query("qThreadExtraInfo", "p1.1")),
     (b"QThreadEvents:1", c.Query("QThreadEvents", "1")),
     (b"qXfer:features:write:x:0:ab", c.Unknown(b"qXfer:features:write:x:0:ab")),
-    (b"vFile:setfs:0", c.Unknown(b"vFile:setfs:0")),
+    (b"vFile:setfs:0", c.HostSetFs(0)),
+    (b"vFile:open:2f727273747562,0,1a4", c.HostOpen("/rrstub", 0, 0o644)),
+    (b"vFile:pread:3,3fff,1000", c.HostPread(3, 0x3FFF, 0x1000)),
+    (b"vFile:close:3", c.HostClose(3)),
+    (b"vFile:fstat:3", c.HostFstat(3)),
+    (b"vFile:unlink:2f78", c.HostOther("unlink")),
+    (b"qCRC:100000,1a0", c.Checksum(0x100000, 0x1A0)),
     (b"!", c.Unknown(b"!")),
     (b"", c.Unknown(b"")),
 ]
@@ -348,6 +354,11 @@ def test_every_request_type(payload, expected):
     (b"qRcmd", "without a command"),
     (b"qXfer:features:read:target.xml", "annex"),
     (b"qXfer:features:read:target.xml:0", "offset,length"),
+    (b"vFile:open:2f7,0,0", "bad hex path"),
+    (b"vFile:pread:3,10", "fd,count,offset"),
+    (b"vFile:close:x", "bad fd"),
+    (b"vFile:setfs", "without arguments"),
+    (b"qCRC:100000", "addr,length"),
 ])
 def test_malformed_arguments(payload, reason):
     request = c.parse_request(payload)
@@ -358,7 +369,8 @@ def test_parse_request_never_raises_on_random_payloads():
     rng = random.Random(1)
     letters = b"gGpPmMXcCsSvZzHTkDqQbx?,:;=-}.0123456789abcdefp"
     for _ in range(5000):
-        head = rng.choice([b"", b"vCont;", b"qXfer:", b"qRcmd,", b"qSupported:", b"vKill;"])
+        head = rng.choice([b"", b"vCont;", b"qXfer:", b"qRcmd,", b"qSupported:", b"vKill;",
+                           b"vFile:open:", b"vFile:pread:", b"qCRC:"])
         payload = head + bytes(rng.choice(letters) for _ in range(rng.randint(0, 12)))
         assert isinstance(c.parse_request(payload), REQUEST_TYPES)
 
@@ -398,6 +410,41 @@ def test_supported_reply():
         b"vContSupported+")
     assert c.supported_reply(16384, reverse=True).encode().endswith(
         b";vContSupported+;ReverseStep+;ReverseContinue+")
+    assert b";qXfer:exec-file:read+" in c.supported_reply(16384, reverse=True, exec_file=True).encode()
+
+
+def test_host_io_replies():
+    assert c.HostResult(0).encode() == b"F0"
+    assert c.HostResult(0x1F).encode() == b"F1f"
+    assert c.HostResult(-1, c.FILEIO_ENOENT).encode() == b"F-1,2"
+    assert c.HostResult(3, attachment=b"a$b").encode() == b"F3;a$b"
+    stat = c.fileio_stat(0x12345)
+    assert len(stat) == 64
+    assert stat[8:12] == (0o100444).to_bytes(4, "big")      # st_mode: a regular, read-only file
+    assert stat[28:36] == (0x12345).to_bytes(8, "big")      # st_size
+    # A binary attachment is escaped when framed and gdb unescapes it.
+    codec = c.Codec()
+    codec.send(c.HostResult(4, attachment=b"#$}*"))
+    assert gdb_reads(codec.data_to_send(), binary=True) == b"F4;#$}*"
+
+
+def test_crc_is_the_one_gdb_computes():
+    # libiberty xcrc32 (gdb's compare-sections): CRC-32/MPEG-2 without the final inversion.
+    assert c.gdb_crc32(b"123456789") == 0x0376E6E7
+    assert c.gdb_crc32(b"") == 0xFFFFFFFF
+    assert c.gdb_crc32(b"6789", c.gdb_crc32(b"12345")) == c.gdb_crc32(b"123456789")
+    assert c.Crc(0x0376E6E7).encode() == b"C376e6e7"
+
+
+def test_in_packet_tracks_a_started_packet():
+    codec = c.Codec()
+    assert not codec.in_packet
+    codec.feed(b"$m10")
+    assert codec.in_packet
+    codec.feed(b",4#")
+    assert codec.in_packet
+    codec.feed(frame(b"m10,4")[-2:])
+    assert not codec.in_packet
 
 # --------------------------------------------------------------------------
 # Fuzz

@@ -169,19 +169,23 @@ def test_cut_before_the_first_snapshot_cannot_be_replayed(tmp_path, cut_in, mess
 
 
 def regions(data: bytes, finished: bool):
-    """(first byte, end, byte offset the error must name, found when) for every region of a file."""
+    """(first byte, end, byte offset the error must name, found when) for every region of a file.
+
+    Found "recovered": the damage is in the INDEX or the trailer, and the file
+    opens by a scan of its chunks that names the damage in its recovery note.
+    """
     out = [(0, len(recording.FILE_MAGIC), None, "open"), (len(recording.FILE_MAGIC), HEADER_SIZE, 0, "open")]
     pos, end = HEADER_SIZE, len(data) - (TRAILER_SIZE if finished else 0)
     while pos < end:
         _, kind, _, meta_len, stored_len, *_ = CHUNK.unpack_from(data, pos)
         payload_at = pos + CHUNK_HEADER_SIZE + meta_len
-        head_found = "open" if kind == ChunkKind.INDEX or not finished else "payload"
-        out.append((pos, payload_at, pos, head_found))
+        found = "recovered" if kind == ChunkKind.INDEX else "payload" if finished else "open"
+        out.append((pos, payload_at, pos, found))
         out.append((payload_at, payload_at + stored_len, pos,
-                    "open" if kind == ChunkKind.INDEX else "payload"))
+                    "recovered" if kind == ChunkKind.INDEX else "payload"))
         pos = payload_at + stored_len
     if finished:
-        out.append((end, len(data), end, "open"))
+        out.append((end, len(data), end, "recovered"))
     return out
 
 
@@ -194,6 +198,12 @@ def test_a_flipped_byte_anywhere_is_reported_with_its_offset(tmp_path, finished)
     for start, end, offset, found in regions(data, finished):
         for i in range(start, end):
             path.write_bytes(data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:])
+            if found == "recovered":
+                rec = open_and_read_all(path)
+                assert rec.recovered and rec.summary == SUMMARY, i
+                assert f"damaged at byte offset {offset} (" in rec.recovery_note, (i, rec.recovery_note)
+                assert "nothing recorded is missing" in rec.recovery_note, i
+                continue
             opened = False
             with pytest.raises(RecordingError) as e:
                 with Recording.open(path) as rec:
