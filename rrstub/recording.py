@@ -202,9 +202,14 @@ def check_output(path, *, force: bool, option: str = "-o") -> None:
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
             raise RecordingError(path, f"{option} {path}: the directory {parent} does not exist")
-        if not os.access(parent, os.W_OK | os.X_OK):
+        # Create it for real (and remove it again): permission bits, a read-only
+        # or pseudo file system (/proc) and root's privileges all answer here.
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except OSError as e:
             raise RecordingError(path, f"{option} {path}: cannot create a file in {parent} "
-                                 "(permission denied); choose another directory")
+                                 f"({e.strerror}); choose another directory") from None
+        os.unlink(path)
         return
     if stat.S_ISDIR(st.st_mode):
         raise RecordingError(path, f"{option} {path} is a directory: give the recording a file name, "
