@@ -11,6 +11,12 @@
  * command line.  Prints "ticks: N work: 0x...": N varies with host timing,
  * the work result depends only on the iterations.  Exits 0 if at least one
  * tick arrived, 1 if none.
+ *
+ * With "tsc=1" every iteration also mixes in the time-stamp counter.  At
+ * guest CPL0 rdtsc runs on the host CPU (no KVM traps it there), so only
+ * the exact engine, which emulates it, can replay that run; a fast-mode
+ * recording of it is the test for a replay that must report a divergence
+ * instead of searching forever.
  */
 #include "kernel.h"
 
@@ -37,6 +43,20 @@ __attribute__((noinline)) uint32_t busy_work(unsigned iterations)
     return x;
 }
 
+__attribute__((noinline)) uint32_t busy_work_tsc(unsigned iterations)
+{
+    uint32_t x = 0x2545F491;
+    for (unsigned i = 0; i < iterations; i++) {
+        uint32_t lo, hi;
+        __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        x ^= lo;
+    }
+    return x;
+}
+
 int kmain(const struct rrstub_boot_info *boot)
 {
     uart_init(0);
@@ -49,6 +69,7 @@ int kmain(const struct rrstub_boot_info *boot)
      * `rrstub run --allow-guest-record -o REC` (the guest starts and stops
      * the recording through the hypercall port, and names a marker). */
     unsigned guest_record = cmdline_uint(boot, "guest_record", 0, 1);
+    unsigned tsc = cmdline_uint(boot, "tsc", 0, 1);
 
     irq_enable();
     uint32_t result;
@@ -61,6 +82,8 @@ int kmain(const struct rrstub_boot_info *boot)
                 start == 0 ? "recording" : "refused");
         rrstub_hypercall(RRSTUB_HC_RECORD_STOP, 0, 0, 0, 0);
         result ^= busy_work(iterations / 3 + 2);
+    } else if (tsc) {
+        result = busy_work_tsc(iterations);
     } else {
         result = busy_work(iterations);
     }

@@ -741,16 +741,19 @@ int rr_step(int vcpu_fd, void *run_area, struct rr_step_ctl *c, struct rr_exit *
  * general registers in *want (a landmark), using DR0 as an execution
  * breakpoint.  RF is ignored on this host, so a hit that is not the
  * landmark is stepped over with the breakpoint cleared, then re-armed.
- * Guest debugging is off again when this returns.
+ * Each such hit's registers are left in *last_regs (what a divergence
+ * report compares); the deadline (CLOCK_MONOTONIC, 0 = none) kicks the
+ * search back with RR_LANDMARK_KICK.  Guest debugging is off again when
+ * this returns.
  */
 int rr_run_to_regs(int vcpu_fd, void *run_area, const void *want_regs, int step_over_first,
-                   uint64_t *hits, struct rr_exit *ex)
+                   uint64_t deadline_ns, uint64_t *hits, void *last_regs, struct rr_exit *ex)
 {
     struct kvm_run *run = run_area;
     const struct kvm_regs *want = want_regs;
     const uint32_t bp = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
     const uint32_t step = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
-    int r = arm_deadline(0);
+    int r = arm_deadline(deadline_ns);
     int result = -1;
     if (r < 0)
         return r;
@@ -765,6 +768,7 @@ int rr_run_to_regs(int vcpu_fd, void *run_area, const void *want_regs, int step_
         if (r == RUN_KICKED) {
             r = 0;
             result = RR_LANDMARK_KICK;
+            armed_deadline = 0;     /* a deadline that passed is re-armed by the next call */
             break;
         }
         if (run->exit_reason != KVM_EXIT_DEBUG) {
@@ -782,10 +786,12 @@ int rr_run_to_regs(int vcpu_fd, void *run_area, const void *want_regs, int step_
             r = -errno;
             break;
         }
-        if (memcmp(&regs, want, sizeof regs) == 0)
+        if (memcmp(&regs, want, sizeof regs) == 0) {
             result = RR_LANDMARK_MATCH;
-        else
+        } else {
+            memcpy(last_regs, &regs, sizeof regs);
             over = 1;
+        }
     }
     int off = set_debug(vcpu_fd, 0, 0, 0);
     if (r < 0)

@@ -103,5 +103,5 @@ int rr_step(int vcpu_fd, void *run_area, struct rr_step_ctl *c, struct rr_exit *
 int rr_settle(int vcpu_fd, void *run_area, struct rr_exit *ex);
 int rr_step_arm(int vcpu_fd, struct rr_step_ctl *c);
 int rr_run_to_regs(int vcpu_fd, void *run_area, const void *want_regs, int step_over_first,
-                   uint64_t *hits, struct rr_exit *ex);
+                   uint64_t deadline_ns, uint64_t *hits, void *last_regs, struct rr_exit *ex);
 #endif

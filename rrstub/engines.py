@@ -70,6 +70,9 @@ DEFAULT_MARKER_EVERY_NS = 1_000_000_000
 NEVER = (1 << 63) - 1
 RFLAGS_IF = 0x200
 RETRY_NS = 100_000                  # fast engine: a kick that could not make a landmark retries after this
+# Fast replay gives up on a landmark after the longer of these (host time):
+LANDMARK_BUDGET_MIN_NS = 5_000_000_000
+LANDMARK_BUDGET_FACTOR = 500        # x the guest time the recorder took to get there
 GUEST_ENDS = ("exit", "reset", "crash", "hung")
 # Config "positions": 2 = interrupt deliveries and event returns (iret,
 # int n, syscall, sysret) are positions of their own (rr_step landings).
@@ -1028,6 +1031,7 @@ class FastEngine(Engine):
         self.landmarks = 0
         self.delayed = 0
         self.breakpoint_hits = ffi.new("uint64_t *")
+        self._last_hit = ffi.new("struct kvm_regs *")     # the registers of the last landmark miss
         self._retry_at = 0
         self._want = ffi.new("struct kvm_regs *")
 
@@ -1189,15 +1193,27 @@ class FastEngine(Engine):
         self._retry_at = host_monotonic_ns() + RETRY_NS
 
     def _reach(self, p: ev.Point) -> None:
-        """Replay: run to the landmark ``p`` and deliver it."""
+        """Replay: run to the landmark ``p`` and deliver it.
+
+        The search is bounded: a guest whose state depends on something fast
+        mode cannot replay (rdtsc or rdrand at CPL0 on a host that does not
+        trap them) hits the landmark's rip forever with other registers.
+        The budget grows with the guest time the recorder spent getting
+        there (``LANDMARK_BUDGET_*``), so a correct replay never meets it.
+        """
         m = self.machine
         vcpu = m.vcpu
         want = self._want
         for name, value in zip(REG_NAMES, p.landmark):
             setattr(want, name, value)
+        recorded_ns = max(0, p.time_ns - self.clock.peek_ns()) if p.time_ns is not None else 0
+        budget_ns = max(LANDMARK_BUDGET_MIN_NS, LANDMARK_BUDGET_FACTOR * recorded_ns)
+        give_up = host_monotonic_ns() + budget_ns
+        hits_before = self.breakpoint_hits[0]
         step_over = 0
         while True:
-            r = lib.rr_run_to_regs(vcpu.fd, vcpu._run, want, step_over, self.breakpoint_hits, vcpu._exit)
+            r = lib.rr_run_to_regs(vcpu.fd, vcpu._run, want, step_over, give_up, self.breakpoint_hits,
+                                   self._last_hit, vcpu._exit)
             _check(r, "KVM_RUN (landmark search)")
             if r == lib.RR_LANDMARK_MATCH:
                 self._sync_vcpu_flags()
@@ -1206,6 +1222,8 @@ class FastEngine(Engine):
                     break
                 step_over = 1
             elif r == lib.RR_LANDMARK_KICK:
+                if host_monotonic_ns() >= give_up:
+                    self._landmark_lost(p, budget_ns, self.breakpoint_hits[0] - hits_before)
                 step_over = 0
             else:
                 exit = vcpu.last_exit()
@@ -1216,3 +1234,19 @@ class FastEngine(Engine):
         self.landmarks += 1
         self.last_match = p.pos
         self.point(False, recorded=self.source.pop())
+
+    def _landmark_lost(self, p: ev.Point, budget_ns: int, hits: int) -> None:
+        """The landmark search ran out of its budget: report what differs, as a divergence."""
+        rip = p.landmark[REG_NAMES.index("rip")]
+        if hits:
+            differs = [f"{n} recorded {want:#x}, replay {getattr(self._last_hit, n):#x}"
+                       for n, want in zip(REG_NAMES, p.landmark) if getattr(self._last_hit, n) != want]
+            seen = (f"the guest reached rip {rip:#x} {hits} times, never with the recorded registers "
+                    f"(at the last: {'; '.join(differs[:8]) or 'all equal, but not the pages written'})")
+        else:
+            seen = f"the guest never reached rip {rip:#x}"
+        self._diverged(
+            f"replay did not find the landmark at {place(self.unit, p.pos)} within {budget_ns / 1e9:.1f} s: "
+            f"{seen}. The guest's state depends on something fast mode cannot replay on this host: "
+            "at guest CPL0, rdtsc, rdtscp, rdrand, rdseed and cpuid run on the host CPU. "
+            "Record such a guest with --mode exact, which emulates them")

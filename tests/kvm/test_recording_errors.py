@@ -506,6 +506,35 @@ def diverged(r: subprocess.CompletedProcess, unit: str) -> tuple[int, str, int]:
     return int(m[1]), m[2], int(m[3])
 
 
+@pytest.mark.timeout(120)
+def test_a_fast_replay_that_cannot_find_a_landmark_reports_within_seconds(kernels, tmp_path):
+    """ticks tsc=1 mixes rdtsc (run by the host CPU at guest CPL0) into a loop that never exits:
+    fast replay meets the landmark's rip again and again with other registers.  It must say so,
+    name the registers and suggest exact mode, in bounded time (not search to the loop's end)."""
+    rec = tmp_path / "tsc.rrr"
+    r = rrstub("record", str(kernels / "ticks.elf"), "-o", str(rec), "--mode", "fast", "--no-markers",
+               "--cmdline", "work=4000000000 tsc=1", "--timeout", "3", timeout=60)
+    assert r.returncode == 124, r.stderr        # the loop outlasts the recording by far
+    started = time.monotonic()
+    r = rrstub("replay", str(rec), timeout=60)
+    took = time.monotonic() - started
+    position, what, last = diverged(r, "exit")
+    assert what.startswith(f"replay did not find the landmark at exit #{position + 1} within "), what
+    assert "never with the recorded registers" in what and "recorded 0x" in what, what
+    assert "--mode exact" in what and "rdtsc" in what, what
+    assert last <= position and took < 30
+
+
+def test_the_tsc_mixing_guest_replays_in_exact_mode(kernels, tmp_path):
+    rec = tmp_path / "tsc.rrr"
+    r = rrstub("record", str(kernels / "ticks.elf"), "-o", str(rec), "--mode", "exact",
+               "--cmdline", "work=3000 tsc=1", timeout=60)
+    assert r.returncode == 0, r.stderr
+    replayed = rrstub("replay", str(rec))
+    assert replayed.returncode == 0 and b"matched the recording" in replayed.stderr, replayed.stderr
+    assert replayed.stdout == r.stdout
+
+
 @pytest.mark.parametrize("name, unit", [("hello-fast", "exit"), ("hello-exact", "instruction")])
 def test_a_wrong_check_digest_is_reported_where_it_was_checked(recordings, tmp_path, name, unit):
     edit = Nth(1, is_check, lambda e: dataclasses.replace(e, digest=e.digest ^ 1))
