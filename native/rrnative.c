@@ -539,18 +539,11 @@ static uint64_t landing_of(int fd, const struct rr_step_ctl *c, uint32_t n)
 {
     if (!c->long_mode)
         return 0;
-    uint32_t i = 0, size = 4, rex_w = 0;
-    while (i < n && (c->insn[i] == 0x66 || (c->insn[i] & 0xF0) == 0x40)) {
-        if (c->insn[i] == 0x66)
-            size = 2;
-        else if (c->insn[i] & 8)
-            rex_w = 1;
-        i++;
-    }
-    if (rex_w)
-        size = 8;
+    uint32_t i = skip_prefixes(c->insn, n, 1);
     if (i >= n)
         return 0;
+    int rex_w = i > 0 && (c->insn[i - 1] & 0xF8) == 0x48;     /* REX.W: the prefix just before the opcode */
+    uint32_t size = rex_w ? 8 : memchr(c->insn, 0x66, i) ? 2 : 4;
     uint8_t op = c->insn[i];
     uint64_t target = 0;
     struct kvm_regs regs;
@@ -722,9 +715,7 @@ int rr_step(int vcpu_fd, void *run_area, struct rr_step_ctl *c, struct rr_exit *
         if (run->exit_reason == KVM_EXIT_DEBUG) {
             c->icount++;
             c->rip = run->debug.arch.pc;
-            if (want[0] && (c->rip == want[0] || c->rip == want[1] || c->rip == want[2] || c->rip == want[3]))
-                c->landings++;
-            else if (want[0])
+            if (want[0] && c->rip != want[0] && c->rip != want[1] && c->rip != want[2] && c->rip != want[3])
                 c->landings_missed++;
             if (fetched > 0 && is_lidt(c->insn, (uint32_t)fetched, c->long_mode) && (r = reload_idt(vcpu_fd, c)) < 0)
                 return r;

@@ -75,7 +75,6 @@ struct rr_step_ctl {
     const struct rr_watch *watches;  /* in: ranges compared before every step (RR_STEP_WATCH) */
     uint32_t hit;           /* out: the index in watches[] that changed */
     uint32_t deliver_vector;/* in: vector + 1 of the interrupt the next step delivers (0: none; LANDINGS only) */
-    uint64_t landings;      /* out: steps that stopped at their landing (see rr_step), counted */
     uint64_t landings_missed; /* out: landing steps that did not stop there (KVM ran on past it) */
     uint64_t idt_base;      /* in: the IDT (kept current across lidt by rr_step) */
     uint32_t idt_limit;

@@ -944,12 +944,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _err(f"doctor: {e}")
         return EXIT_KVM_ERROR
     except KeyboardInterrupt as e:
-        from rrstub.session import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated
-        if isinstance(e, Terminated):
-            _err("terminated (SIGTERM)")
-            return EXIT_TERMINATED
-        _err("interrupted")
-        return EXIT_INTERRUPTED
+        from rrstub.session import interruption
+        status, _, word = interruption(e)
+        _err(word)
+        return status
     except BrokenPipeError:
         # The reader of our output went away (`| head`): stop quietly.
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from rrstub import events as ev
 from rrstub.engines import place
 from rrstub.recording import Recording
-from rrstub.session import position_range
 
 UNITS = {"exact": "instructions", "fast": "exits"}
 
@@ -20,7 +19,7 @@ def describe(path: str, verify: bool = False) -> dict:
             rec.verify()
         c = rec.config
         summary = rec.summary
-        first, last = position_range(rec)
+        first, last = rec.position_range()
         sizes: dict[str, dict[str, int]] = {}
         for chunk in rec.chunks:
             s = sizes.setdefault(chunk.kind.name.lower(), {"chunks": 0, "raw": 0, "stored": 0})

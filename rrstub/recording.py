@@ -492,6 +492,14 @@ class Recording:
         return [x for x in found if isinstance(x, dict) and isinstance(x.get("name"), str)
                 and isinstance(x.get("position"), int)]
 
+    def position_range(self) -> tuple[int, int]:
+        """The first and last position: the first marker's, and the end's (or, when the
+        recorder was killed, the last its log covers)."""
+        first = self.markers[0].meta["position"]
+        if self.summary is not None:
+            return first, self.summary["end_position"]
+        return first, max([first] + [c.meta.get("last", 0) for c in self.event_chunks])
+
     def verify(self) -> None:
         """Check every chunk's header, meta and payload checksums (reads the whole file)."""
         for chunk in self.chunks:

@@ -111,6 +111,13 @@ class Terminated(KeyboardInterrupt):
         raise Terminated(signum)
 
 
+def interruption(e: KeyboardInterrupt) -> tuple[int, str, str]:
+    """(exit status, what stopped the run, the word for it) of a Ctrl-C or a SIGTERM."""
+    if isinstance(e, Terminated):
+        return EXIT_TERMINATED, "SIGTERM", "terminated (SIGTERM)"
+    return EXIT_INTERRUPTED, "Ctrl-C", "interrupted"
+
+
 class SerialHashes(HashingStream):
     """Serial output hashed as a whole and from each marker of the recording on.
 
@@ -443,9 +450,9 @@ def _run_recording(engine: Engine, machine: Machine, output_of: Callable[[], "Re
                    "keep the latest part instead)")
         outcome = Outcome("quota", EXIT_QUOTA, engine.position, engine.guest_now(), message)
     except KeyboardInterrupt as e:
-        stopped_by = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
-        outcome = Outcome("interrupted", EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED,
-                          engine.position, engine.guest_now(), f"the recording was stopped with {stopped_by}")
+        status, stopped_by, _ = interruption(e)
+        outcome = Outcome("interrupted", status, engine.position, engine.guest_now(),
+                          f"the recording was stopped with {stopped_by}")
     finally:
         signal.signal(signal.SIGUSR1, previous_usr1)
         if key_reader is not None:
@@ -508,20 +515,11 @@ def seek(engine: Engine, rec: Recording, source: LogSource, position: int) -> in
             return k
 
 
-def position_range(rec: Recording) -> tuple[int, int]:
-    """The first and last position of ``rec``: its first marker's, and its end's (or, when the
-    recorder was killed, the last its log covers)."""
-    first = rec.markers[0].meta["position"]
-    if rec.summary is not None:
-        return first, rec.summary["end_position"]
-    return first, max([first] + [c.meta.get("last", 0) for c in rec.event_chunks])
-
-
 def resolve_position(rec: Recording, text: str, what: str = "--until") -> int:
     """A position the user named for option ``what``: a number, mN, or a marker's or label's name.
 
     Raises ValueError with the message for the user, also for a number
-    outside the recording (``position_range``).
+    outside the recording (``Recording.position_range``).
     """
     t = text.strip()
     if t[:1] in "mM" and t[1:].isdigit():
@@ -538,7 +536,7 @@ def resolve_position(rec: Recording, text: str, what: str = "--until") -> int:
     except ValueError:
         raise ValueError(f"{what} {text!r}: give a position (a number), a marker (m0, m1, ...) or a "
                          "marker or label name (`rrstub info` lists them)") from None
-    first, last = position_range(rec)
+    first, last = rec.position_range()
     if not first <= value <= last:
         units = ENGINES[rec.config["mode"]].unit + "s" if rec.config.get("mode") in ENGINES else "positions"
         where = (f"it ends before reaching {value}" if value > last
@@ -577,7 +575,7 @@ def go_live(path: str, at: str, *, out_path: Optional[str] = None, serial_in: Op
         if outcome.reason != "until":
             raise ReplayError(f"--go-live {at}: the replay ended ({outcome.reason}) at "
                               f"{place(engine.unit, outcome.position)}, before reaching {position}; "
-                              f"{path} has {engine.unit}s {'..'.join(map(str, position_range(rec)))}")
+                              f"{path} has {engine.unit}s {'..'.join(map(str, rec.position_range()))}")
         warn(f"live from {place(engine.unit, position)} ({engine.guest_now() / 1e9:.6f} s of guest time): "
              + (f"recording the branch to {out_path}" if out_path else "not recorded (give -o to keep it)"))
         if out_path is None:
@@ -936,10 +934,9 @@ def replay(path: str, *, until: Optional[int] = None, speed: Optional[float] = N
                 reason = _REASON_OF.get(type(e), "crash")
                 outcome = Outcome(reason, e.exit_code, engine.position, engine.guest_now(), str(e))
             except KeyboardInterrupt as e:
-                terminated = isinstance(e, Terminated)
-                outcome = Outcome("interrupted", EXIT_TERMINATED if terminated else EXIT_INTERRUPTED,
-                                  engine.position, engine.guest_now(),
-                                  f"replay stopped with {'SIGTERM' if terminated else 'Ctrl-C'}")
+                status, stopped_by, _ = interruption(e)
+                outcome = Outcome("interrupted", status, engine.position, engine.guest_now(),
+                                  f"replay stopped with {stopped_by}")
                 return ReplayResult(outcome, rec, out.count, out.hash.hexdigest(), False,
                                     (host_monotonic_ns() - started) / 1e9, engine)
             finally:

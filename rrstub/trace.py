@@ -477,7 +477,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from rrstub.engines import Divergence, EngineError
     from rrstub.recording import Recording, RecordingError
     from rrstub.replay.timeline import Timeline, TimelineError
-    from rrstub.session import EXIT_DIVERGED, EXIT_INTERRUPTED
+    from rrstub.session import EXIT_DIVERGED, interruption
 
     try:
         with Recording.open(args.recording) as rec:
@@ -526,9 +526,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
             try:
                 InstructionTrace(timeline).run(start, stop, writer, progress)
             except KeyboardInterrupt as e:
-                from rrstub.session import EXIT_TERMINATED, Terminated
-                failure = ((EXIT_TERMINATED, "terminated (SIGTERM)") if isinstance(e, Terminated)
-                           else (EXIT_INTERRUPTED, "interrupted"))
+                status, _, word = interruption(e)
+                failure = status, word
             except (Divergence, TimelineError) as e:
                 failure = EXIT_DIVERGED, str(e)
             except EngineError as e:

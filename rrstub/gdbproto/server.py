@@ -84,8 +84,8 @@ class Session:
     """One connected gdb: turns its requests into timeline calls and replies."""
 
     def __init__(self, timeline: Timeline, sock: socket.socket, log: Callable[[str], None], *,
-                 others: "Refusals", files: hostio.HostFiles, handshake_timeout: float = HANDSHAKE_TIMEOUT, packet_timeout: float = PACKET_TIMEOUT,
-                 keepalive: float = KEEPALIVE):
+                 others: "Refusals", files: hostio.HostFiles, handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                 packet_timeout: float = PACKET_TIMEOUT, keepalive: float = KEEPALIVE):
         self.timeline = timeline
         self.sock = sock
         self.log = log

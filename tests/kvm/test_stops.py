@@ -61,6 +61,17 @@ def executions(lines) -> Counter:
     return ran
 
 
+def positions_using(lines, pattern: str, address: int) -> list[int]:
+    """The positions of the instructions that match ``pattern``, whose group 1 is a rip-relative
+    displacement, with that operand at ``address``."""
+    found = []
+    for x in lines:
+        m = re.match(pattern, x["asm"])
+        if m and int(x["rip"], 16) + len(x["bytes"]) // 2 + int(m[1], 16) == address:
+            found.append(x["pos"])
+    return found
+
+
 def breakpoint_hits(path, addresses, reverse: bool = False) -> list[tuple[int, int]]:
     """(position, pc) of every breakpoint stop of a continue loop from the start to the end
     (``reverse``: of a reverse-continue loop from the end back to the start)."""
@@ -119,9 +130,7 @@ def test_breakpoints_on_every_instruction_of_increment_match_the_trace(race):
 def test_reverse_watchpoint_always_stops_at_the_store(race):
     path, lines, elf = race
     counter = symbol("counter", elf)[0]
-    store = re.compile(r"mov dword ptr \[rip \+ (0x[0-9a-f]+)\], e")
-    writes = [x["pos"] for x in lines if (m := store.match(x["asm"]))
-              and int(x["rip"], 16) + len(x["bytes"]) // 2 + int(m[1], 16) == counter]
+    writes = positions_using(lines, r"mov dword ptr \[rip \+ (0x[0-9a-f]+)\], e", counter)
     assert len(writes) == WORKERS * 600                 # one store per increment
     stores = set(writes)
     after_iret = [p for p in writes if lines[p - 1]["asm"] == "iretq"]
@@ -159,9 +168,7 @@ def test_a_recording_made_before_the_split_replays_as_it_was_recorded(tmp_path):
 def test_read_watchpoint_stops_after_each_load(race):
     path, lines, elf = race
     counter = symbol("counter", elf)[0]
-    load = re.compile(r"mov e.., dword ptr \[rip \+ (0x[0-9a-f]+)\]$")
-    loads = [x["pos"] for x in lines if (m := load.match(x["asm"]))
-             and int(x["rip"], 16) + len(x["bytes"]) // 2 + int(m[1], 16) == counter]
+    loads = positions_using(lines, r"mov e.., dword ptr \[rip \+ (0x[0-9a-f]+)\]$", counter)
     assert len(loads) >= WORKERS * 600
     stops = []
     with Timeline(str(path)) as t:

@@ -214,11 +214,11 @@ def test_crop_names_the_range_of_markers(tmp_path):
 
 def test_the_position_range_is_the_one_info_reports(tmp_path):
     from rrstub.recording import Recording
-    from rrstub.session import position_range, resolve_position
+    from rrstub.session import resolve_position
     rec_path = tmp_path / "rec.rrr"
     fake_recording(rec_path)
     with Recording.open(rec_path) as rec:
-        assert position_range(rec) == (0, 1000)
+        assert rec.position_range() == (0, 1000)
         assert resolve_position(rec, "1000") == 1000 and resolve_position(rec, "m1") == 500
         with pytest.raises(ValueError, match="--go-live 1001: the recording has instructions 0..1000"):
             resolve_position(rec, "1001", "--go-live")
