@@ -31,8 +31,9 @@ for i in 1 2; do
     check $? "live race run"
 done
 
-step rrstub record examples/build/race.elf -o "$REC"
-$RRSTUB record examples/build/race.elf -o "$REC" --timeout 120
+# --force: the demo's own recordings from an earlier run are replaced (never any other file).
+step rrstub record examples/build/race.elf -o "$REC" --force
+$RRSTUB record examples/build/race.elf -o "$REC" --force --timeout 120
 check $? "recording race"
 
 for i in 1 2; do
@@ -46,8 +47,8 @@ $RRSTUB info "$REC" || exit 1
 printf '\nTwo live runs lost different numbers of updates; the recorded run replays\n'
 printf 'with exactly its own count, every time, checked against the recording.\n'
 
-step rrstub record examples/build/race.elf -o "$EXACT" --mode exact --cmdline increments=2000
-$RRSTUB record examples/build/race.elf -o "$EXACT" --mode exact --cmdline increments=2000 --timeout 120
+step rrstub record examples/build/race.elf -o "$EXACT" --force --mode exact --cmdline increments=2000
+$RRSTUB record examples/build/race.elf -o "$EXACT" --force --mode exact --cmdline increments=2000 --timeout 120
 check $? "recording race in exact mode"
 
 if ! command -v gdb >/dev/null; then
