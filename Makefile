@@ -35,6 +35,8 @@ bench: setup
 	$(VENV)/bin/python benchmarks/workflow_bench.py
 	@echo
 	$(VENV)/bin/python benchmarks/stops_bench.py
+	@echo
+	$(VENV)/bin/python benchmarks/debug_bench.py
 
 doctor: setup
 	$(VENV)/bin/rrstub doctor

@@ -403,11 +403,20 @@ static int set_debug(int fd, uint32_t control, uint64_t dr0, uint64_t dr7)
  * it was armed at, and the guest could then see TF in an interrupt frame
  * or a pushf, depending on where a run was last started.
  */
+static int arm_debug_at(int fd, const uint64_t dr[4], struct kvm_regs *now);
+
 static int arm_debug(int fd, const uint64_t dr[4])
 {
     struct kvm_regs regs;
     if (ioctl(fd, KVM_GET_REGS, &regs) < 0)
         return -errno;
+    return arm_debug_at(fd, dr, &regs);
+}
+
+/* arm_debug with the registers already read (*now; its rip is put back). */
+static int arm_debug_at(int fd, const uint64_t dr[4], struct kvm_regs *now)
+{
+    struct kvm_regs regs = *now;
     uint64_t rip = regs.rip;
     regs.rip = RR_NEVER_RIP;
     if (ioctl(fd, KVM_SET_REGS, &regs) < 0)
@@ -634,12 +643,38 @@ static int watch_changed(struct rr_step_ctl *c)
 }
 
 /*
+ * Which bit of the visited summary stands for rip (a multiplicative hash):
+ * every rip rr_step looks at between instructions sets its bit, so a
+ * summary without a breakpoint's bit proves the breakpoint was not hit.
+ */
+uint32_t rr_visited_bit(uint64_t rip)
+{
+    return (uint32_t)((rip * 0x9E3779B97F4A7C15ull) >> (64 - 12));
+}
+
+/* At the landmark's rip: whether every general register equals the landmark's. */
+static int landmark_reached(int fd, struct rr_step_ctl *c)
+{
+    struct kvm_regs regs;
+    c->landmark_hits++;
+    if (ioctl(fd, KVM_GET_REGS, &regs) < 0)
+        return -errno;
+    if (memcmp(&regs, c->landmark, sizeof regs) == 0)
+        return 1;
+    if (c->landmark_last)
+        memcpy(c->landmark_last, &regs, sizeof regs);
+    return 0;
+}
+
+/*
  * Single-step until something needs the engine.  Checked before every
  * instruction, in this order: a watched range changed (by the previous
  * instruction: the caller updates the shadow before going on), the
  * instruction limit, the host deadline, an open interrupt window (when
- * asked), a breakpoint at rip (unless SKIP_BREAK: the caller is resuming
- * from it, or an injected interrupt runs first), an instruction to emulate.
+ * asked), the landmark (a fast recording's logged point, replayed by
+ * stepping: rip and then every general register), a breakpoint at rip
+ * (unless SKIP_BREAK: the caller is resuming from it, or an injected
+ * interrupt runs first), an instruction to emulate.
  */
 int rr_step(int vcpu_fd, void *run_area, struct rr_step_ctl *c, struct rr_exit *ex)
 {
@@ -654,6 +689,10 @@ int rr_step(int vcpu_fd, void *run_area, struct rr_step_ctl *c, struct rr_exit *
             return r;
     }
     for (uint32_t n = 0;; n++) {
+        if (c->visited) {
+            uint32_t bit = rr_visited_bit(c->rip);
+            c->visited[bit >> 6] |= 1ull << (bit & 63);
+        }
         if (c->nwatches && watch_changed(c)) {
             c->reason = RR_STEP_WATCH;
             return 0;
@@ -669,6 +708,15 @@ int rr_step(int vcpu_fd, void *run_area, struct rr_step_ctl *c, struct rr_exit *
         if ((c->flags & RR_STEP_STOP_IF_OPEN) && run->if_flag && run->ready_for_interrupt_injection) {
             c->reason = RR_STEP_IF_OPEN;
             return 0;
+        }
+        if (c->landmark && c->rip == c->landmark_la && !(c->flags & RR_STEP_SKIP_LANDMARK)) {
+            r = landmark_reached(vcpu_fd, c);
+            if (r < 0)
+                return r;
+            if (r) {
+                c->reason = RR_STEP_LANDMARK;
+                return 0;
+            }
         }
         if (c->nbreaks && !(c->flags & RR_STEP_SKIP_BREAK) && is_break(c)) {
             c->reason = RR_STEP_BREAK;
@@ -689,7 +737,7 @@ int rr_step(int vcpu_fd, void *run_area, struct rr_step_ctl *c, struct rr_exit *
                 return 0;
             }
         }
-        c->flags &= ~RR_STEP_SKIP_BREAK;
+        c->flags &= ~(RR_STEP_SKIP_BREAK | RR_STEP_SKIP_LANDMARK);
         uint64_t want[4] = {0, 0, 0, 0};
         if (c->flags & RR_STEP_LANDINGS) {
             if (c->deliver_vector)
@@ -728,10 +776,59 @@ int rr_step(int vcpu_fd, void *run_area, struct rr_step_ctl *c, struct rr_exit *
 }
 
 /* ------------------------------------------------------------------------
+ * Fast recording: where a kick stopped the guest inside a tight loop, the
+ * recorder moves the landmark out of it (FastEngine._relocate finds the
+ * loop by decoding the code); these do the guest's part.
+ */
+
+/* The current rip (one KVM_GET_REGS). */
+int rr_current_rip(int vcpu_fd, uint64_t *rip)
+{
+    struct kvm_regs regs;
+    if (ioctl(vcpu_fd, KVM_GET_REGS, &regs) < 0)
+        return -errno;
+    *rip = regs.rip;
+    return 0;
+}
+
+/*
+ * Run natively to exit_at (a loop's fall-through) with an execution
+ * breakpoint, at most until deadline_ns (CLOCK_MONOTONIC): a loop that
+ * waits for an interrupt never ends by itself.  Returns RR_RELOCATE_DONE
+ * (at exit_at), RR_RELOCATE_TIMEOUT (still in the loop), RR_RELOCATE_EXIT
+ * (a deterministic exit came first: *ex) or -errno; guest debugging is off
+ * again when this returns.
+ */
+int rr_relocate_to(int vcpu_fd, void *run_area, uint64_t exit_at, uint64_t deadline_ns, struct rr_exit *ex)
+{
+    struct kvm_run *run = run_area;
+    int result = RR_RELOCATE_DONE;
+    int r = set_debug(vcpu_fd, KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP, exit_at, 1);
+    if (r == 0)
+        r = arm_deadline(deadline_ns);
+    if (r == 0) {
+        r = run_once(vcpu_fd, run, ex);
+        if (r == RUN_KICKED) {
+            r = 0;
+            armed_deadline = 0;
+            result = RR_RELOCATE_TIMEOUT;
+        } else if (r == 0 && run->exit_reason != KVM_EXIT_DEBUG) {
+            decode_exit(run, ex);
+            result = RR_RELOCATE_EXIT;
+        }
+    }
+    int off = set_debug(vcpu_fd, 0, 0, 0);
+    if (r < 0)
+        return r;
+    return off < 0 ? off : result;
+}
+
+/* ------------------------------------------------------------------------
  * Fast engine replay: run until the vCPU is at want->rip with exactly the
  * general registers in *want (a landmark), using DR0 as an execution
  * breakpoint.  RF is ignored on this host, so a hit that is not the
- * landmark is stepped over with the breakpoint cleared, then re-armed.
+ * landmark is stepped over with the breakpoint cleared (single-stepping
+ * armed as arm_debug does: the guest never sees TF), then re-armed.
  * Each such hit's registers are left in *last_regs (what a divergence
  * report compares); the deadline (CLOCK_MONOTONIC, 0 = none) kicks the
  * search back with RR_LANDMARK_KICK.  Guest debugging is off again when
@@ -743,15 +840,19 @@ int rr_run_to_regs(int vcpu_fd, void *run_area, const void *want_regs, int step_
     struct kvm_run *run = run_area;
     const struct kvm_regs *want = want_regs;
     const uint32_t bp = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
-    const uint32_t step = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
     int r = arm_deadline(deadline_ns);
     int result = -1;
     if (r < 0)
         return r;
     int over = step_over_first;
-    while (result < 0) {
-        r = set_debug(vcpu_fd, over ? step : bp, want->rip, over ? 0 : 1);
+    if (over) {
+        static const uint64_t none[4] = {0, 0, 0, 0};
+        r = arm_debug(vcpu_fd, none);
         if (r < 0)
+            return r;
+    }
+    while (result < 0) {
+        if (!over && (r = set_debug(vcpu_fd, bp, want->rip, 1)) < 0)
             break;
         r = run_once(vcpu_fd, run, ex);
         if (r < 0)
@@ -781,6 +882,11 @@ int rr_run_to_regs(int vcpu_fd, void *run_area, const void *want_regs, int step_
             result = RR_LANDMARK_MATCH;
         } else {
             memcpy(last_regs, &regs, sizeof regs);
+            /* Step over it with TF kept out of the guest's sight (arm_debug), not set_debug. */
+            static const uint64_t none[4] = {0, 0, 0, 0};
+            r = arm_debug_at(vcpu_fd, none, &regs);
+            if (r < 0)
+                break;
             over = 1;
         }
     }

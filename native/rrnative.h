@@ -42,12 +42,14 @@ struct rr_exit {
 #define RR_STEP_NOFETCH   7   /* paging mode the C fetch does not walk */
 #define RR_STEP_BREAK     8   /* rip is one of breaks[] (the instruction has not run) */
 #define RR_STEP_WATCH     9   /* watches[hit] no longer equals its shadow copy */
+#define RR_STEP_LANDMARK 10   /* the general registers equal *landmark (the instruction at rip has not run) */
 
 #define RR_STEP_STOP_IF_OPEN  1u  /* stop at the first boundary where an interrupt can be injected */
 #define RR_STEP_NO_CHECK_ONCE 2u  /* step the next instruction without looking at it */
 #define RR_STEP_COMPLETE      4u  /* finish the instruction whose exit was just handled */
 #define RR_STEP_SKIP_BREAK    8u  /* do not stop at a breakpoint before the next step */
 #define RR_STEP_LANDINGS     16u  /* stays set: stop steps that transfer control by an event at their landing */
+#define RR_STEP_SKIP_LANDMARK 32u  /* do not stop at the landmark before the next step (its pages differed) */
 
 /* A watched guest-physical range (within one page) and the bytes it held. */
 struct rr_watch {
@@ -79,7 +81,20 @@ struct rr_step_ctl {
     uint64_t idt_base;      /* in: the IDT (kept current across lidt by rr_step) */
     uint32_t idt_limit;
     uint64_t armed[4];      /* the execution breakpoints armed now (rr_step_arm clears them) */
+    const void *landmark;   /* in: struct kvm_regs to stop at (RR_STEP_LANDMARK), NULL: none */
+    uint64_t landmark_la;   /* in: the landmark's rip as a linear address */
+    uint64_t landmark_hits; /* out: boundaries at landmark_la so far (whatever their registers) */
+    void *landmark_last;    /* out: struct kvm_regs at the last hit that did not match */
+    uint64_t *visited;      /* in/out: RR_VISITED_WORDS words, a bit per hash of every rip looked at (NULL: none) */
 };
+
+/* The visited summary: a bit per rip hash, RR_VISITED_WORDS * 64 bits (rr_visited_bit). */
+#define RR_VISITED_WORDS 64
+
+/* rr_relocate_to results */
+#define RR_RELOCATE_DONE    0
+#define RR_RELOCATE_EXIT    1   /* a deterministic exit came first: see rr_exit */
+#define RR_RELOCATE_TIMEOUT 2   /* the loop did not end before the deadline */
 
 /* rr_run_to_regs results */
 #define RR_LANDMARK_MATCH 0
@@ -99,8 +114,11 @@ long rr_run_n(int vcpu_fd, void *run_area, long n);
 void rr_set_mmio_data(void *run_area, const uint8_t *data, uint32_t len);
 void rr_set_request_interrupt_window(void *run_area, int on);
 int rr_step(int vcpu_fd, void *run_area, struct rr_step_ctl *c, struct rr_exit *ex);
+uint32_t rr_visited_bit(uint64_t rip);
 int rr_settle(int vcpu_fd, void *run_area, struct rr_exit *ex);
 int rr_step_arm(int vcpu_fd, struct rr_step_ctl *c);
+int rr_current_rip(int vcpu_fd, uint64_t *rip);
+int rr_relocate_to(int vcpu_fd, void *run_area, uint64_t exit_at, uint64_t deadline_ns, struct rr_exit *ex);
 int rr_run_to_regs(int vcpu_fd, void *run_area, const void *want_regs, int step_over_first,
                    uint64_t deadline_ns, uint64_t *hits, void *last_regs, struct rr_exit *ex);
 #endif

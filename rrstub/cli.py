@@ -117,8 +117,11 @@ modes:
          fixed CPUID table. Slow (every instruction is a KVM exit) but complete.
   fast   runs the guest freely; only deterministic exits, clock values, input
          and "landmarks" (where an interrupt had to be delivered while the guest
-         computed) are logged. Near live speed. Cannot intercept rdtsc/rdrand
-         at guest CPL0.
+         computed) are logged. Near live speed, but rdtsc, rdrand and cpuid at
+         guest CPL0 run on the host: record guests that read the TSC with exact.
+         `replay` runs it freely too; `serve`, `trace` and replay's --until,
+         --from, --go-live and --vassert replay it instruction by instruction,
+         at exact's speed, so positions are instruction counts in both modes.
   auto   (default) picks one from what `rrstub doctor` measures on this host
          (cached per boot) and says which and why.
 
@@ -179,18 +182,19 @@ and last position) and lists the first ones.
 
 examples:
   rrstub replay race.rrr
-  rrstub replay race.rrr --until 500        # stop at position 500
+  rrstub replay race.rrr --until 500        # stop at instruction 500 (either mode)
   rrstub replay race.rrr --until m2         # stop at marker 2
   rrstub replay ticks.rrr --speed realtime
-  rrstub record examples/build/race-vassert.elf -o rv.rrr --mode exact --cmdline increments=300
+  rrstub record examples/build/race-vassert.elf -o rv.rrr --cmdline increments=300
   rrstub replay rv.rrr --vassert            # which stores lost updates, and where
   rrstub replay rv.rrr --vassert-report checks.jsonl
 """
 
 
 SERVE_EPILOG = """\
-a session (record with --mode exact: reverse execution needs instruction positions):
-  rrstub record examples/build/race.elf -o race.rrr --mode exact --cmdline increments=2000
+a session (either mode: a fast recording is replayed instruction by instruction,
+and `monitor when` says "of ?" for its end until replay has been there):
+  rrstub record examples/build/race.elf -o race.rrr --cmdline increments=2000
   rrstub serve race.rrr                     # listens on 127.0.0.1:1234
   gdb examples/build/race.elf -ex 'target remote :1234'
   (gdb) break increment
@@ -201,8 +205,7 @@ a session (record with --mode exact: reverse execution needs instruction positio
 
 exit status:
   0  served (Ctrl-C or --clients ended it)
-  2  the recording is unusable or was not recorded with --mode exact, or the
-     address cannot be used (port taken, bad host)
+  2  the recording is unusable, or the address cannot be used (port taken, bad host)
 """
 
 
@@ -313,8 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=REPLAY_EPILOG)
     rep.add_argument("recording", metavar="REC", help="a file written by `rrstub record`")
     rep.add_argument("--until", metavar="POSITION|mN",
-                     help="stop at this position (instruction count in exact recordings, exit count "
-                          "in fast ones) or at marker N")
+                     help="stop at this position (an instruction count, in either mode: a fast "
+                          "recording is then replayed instruction by instruction), at marker N, or "
+                          "at a marker's or label's name")
     rep.add_argument("--speed", type=_speed, default=None, metavar="max|realtime|FACTOR",
                      help="max (default), realtime (paced by the recorded guest time), or a factor")
     rep.add_argument("--kernel", metavar="PATH",
@@ -331,8 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(the same as `rrstub serve REC --host HOST --port PORT`)")
     rep.add_argument("--from", dest="start", metavar="POSITION|MARKER",
                      help="start here instead of at the beginning: the nearest marker before it is "
-                          "restored and replay runs silently up to it (the serial hash of the whole "
-                          "run is then not checked; marker digests still are)")
+                          "restored (a fast recording's first one) and replay runs silently up to it "
+                          "(the serial hash of the whole run is then not checked; marker digests "
+                          "still are)")
     rep.add_argument("--go-live", metavar="MARKER|POSITION",
                      help="replay to this marker (mN or a name), label or position, then stop "
                           "replaying and run on live from that exact state, serial on this terminal")
@@ -361,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "disconnected, and a connection that sends no packet within 10 s is closed; "
                     "when a gdb detaches, the next one finds the recording where it was left.",
         epilog=SERVE_EPILOG)
-    srv.add_argument("recording", metavar="REC", help="a file written by `rrstub record --mode exact`")
+    srv.add_argument("recording", metavar="REC", help="a file written by `rrstub record` (either mode)")
     srv.add_argument("--host", default="127.0.0.1",
                      help="address to listen on (default 127.0.0.1; ::1 for IPv6; any other address, "
                           "such as 0.0.0.0 for every interface, lets whoever can reach it read the "
@@ -670,7 +675,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         def ready(port: int) -> None:
             if exposure:
                 log(f"warning: {exposure_warning(args.host, port)}")
-            log(f"{args.recording}: instructions 0..{timeline.last}; waiting for gdb on "
+            log(f"{args.recording}: instructions {timeline.first}..{timeline.last_words()}; waiting for gdb on "
                 f"{args.host}:{port} (in gdb: {connect_hint(args.host, port)})")
         serve(timeline, args.host, args.port, log=log, ready=ready, clients=args.clients)
     except OSError as e:
@@ -748,6 +753,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
             vassert.report.jsonl.close()
     o = result.outcome
     unit = result.engine.unit
+    if isinstance(until, int) and o.reason not in ("until", "interrupted") and o.position < until:
+        # Only a fast recording gets here: its end in instructions is known by replaying to it.
+        _err(f"--until {args.until}: the recording ends at {place(unit, o.position)} ({o.reason}), before "
+             f"reaching {until}")
+        return EXIT_USAGE
     if o.reason == "incomplete":
         _err(f"replayed the incomplete recording to its last complete chunk: {place(unit, o.position)}, "
              f"{o.guest_ns / 1e9:.3f} s of guest time (the recorder did not finish the file)")
@@ -876,6 +886,9 @@ def cmd_crop(args: argparse.Namespace) -> int:
         _err(f"cropped m{done['from']}..m{done['to']} (positions {done['first_position']}.."
              f"{done['last_position']}) into {args.output}: {done['markers']} markers, {done['bytes']} "
              f"bytes ({done['source_bytes']} in the original)")
+    if done["labels_dropped"]:
+        _err(f"{done['labels_dropped']} labels were not copied: a fast recording's labels count instructions "
+             "from its start, and the crop's start has no instruction count in the file")
     if args.no_verify:
         return 0
     return _verify_replay(args.output, args.quiet)

@@ -230,6 +230,11 @@ def crop(src: str, out: str, start: str, stop: str,
                             f"{start!r} (m{first}, position {a['position']}): give the earlier marker "
                             "to --from")
         rec.verify()
+        # A fast recording's markers are at exit numbers and its labels at instruction
+        # counts from its start, which the crop's first marker does not know: they go.
+        fast = rec.config.get("mode") == "fast"
+        labels = [] if fast else [x for x in rec.labels if rec.markers[first].meta["position"] <= x["position"]
+                                  <= rec.markers[last].meta["position"]]
         config = derived_config(rec, "crop", first, to_marker=last,
                                 to_position=rec.markers[last].meta["position"])
         tmp = _tmp_near(out)
@@ -250,8 +255,7 @@ def crop(src: str, out: str, start: str, stop: str,
                 "guest_ns": end_meta.get("guest_ns", 0), "unit": src_summary.get("unit", ""),
                 "markers": copied.markers, "events": copied.counts,
                 "serial_bytes": None, "serial_sha256": None, "host_seconds": 0.0,
-                "labels": [x for x in rec.labels
-                           if rec.markers[first].meta["position"] <= x["position"] <= end.pos],
+                "labels": labels,
             }
             writer.finish(summary)
             writer.rename(out)
@@ -261,7 +265,8 @@ def crop(src: str, out: str, start: str, stop: str,
             raise
         return {"file": out, "from": first, "to": last, "markers": copied.markers,
                 "first_position": rec.markers[first].meta["position"], "last_position": end.pos,
-                "bytes": os.path.getsize(out), "source_bytes": rec.file_size}
+                "bytes": os.path.getsize(out), "source_bytes": rec.file_size,
+                "labels_dropped": len(rec.labels) - len(labels) if fast else 0}
 
 
 def unlink_quietly(path: str) -> None:

@@ -82,17 +82,22 @@ def choose_mode(f: HostFacts) -> tuple[str, str]:
     """(mode, why) for --mode auto."""
     if not f.singlestep_cpl0 and not f.hw_breakpoint_cpl0:
         return "fast", ("this host can neither single-step nor break on execution at guest CPL0; "
-                        "fast recording works but its replay needs hardware breakpoints")
+                        "fast recording works, but replaying or debugging the recording needs a host "
+                        "that can (`rrstub doctor`)")
     if not f.singlestep_cpl0:
-        return "fast", "this host cannot single-step guest kernel code"
+        return "fast", ("this host cannot single-step guest kernel code; the fast recording replays "
+                        "here, but debugging it (which replays it instruction by instruction) needs a "
+                        "host that can single-step")
     if not f.hw_breakpoint_cpl0:
-        return "exact", ("this host has no hardware execution breakpoints at guest CPL0, which fast "
-                         "replay needs")
+        return "exact", ("this host has no hardware execution breakpoints at guest CPL0, which "
+                         "replaying a fast recording needs")
     slowdown = f.exact_slowdown
     if slowdown <= EXACT_MAX_SLOWDOWN:
         return "exact", (f"stepping every instruction costs only about {slowdown:.1f}x live here "
                          "(guest kernel code is emulated anyway), and exact also makes "
                          "rdtsc/rdrand/cpuid deterministic")
     return "fast", (f"stepping every instruction would cost about {slowdown:.0f}x live here "
-                    f"(more than {EXACT_MAX_SLOWDOWN:g}x); fast records at near live speed. Use "
-                    "--mode exact for guests that use rdtsc, rdrand or cpuid")
+                    f"(more than {EXACT_MAX_SLOWDOWN:g}x), so fast records at near live speed and "
+                    "debugging replays the recording instruction by instruction. Fast runs rdtsc, "
+                    "rdrand and cpuid at guest CPL0 on the host: use --mode exact for guests that "
+                    "read the TSC")

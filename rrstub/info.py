@@ -46,7 +46,8 @@ def describe(path: str, verify: bool = False) -> dict:
             "end": ({"reason": summary["reason"], "status": summary["status"],
                      "position": summary["end_position"], "guest_s": summary["guest_ns"] / 1e9,
                      "host_s": summary.get("host_seconds"), "serial_bytes": summary.get("serial_bytes"),
-                     "landmarks": summary.get("landmarks"), "exits": summary.get("exits")}
+                     "landmarks": summary.get("landmarks"),
+                     "relocated_landmarks": summary.get("relocated_landmarks"), "exits": summary.get("exits")}
                     if summary else None),
             "first_position": first, "last_position": last,
             "markers": markers, "labels": rec.labels, "events": counts, "sizes": sizes,
@@ -75,6 +76,9 @@ def format_info(i: dict) -> str:
     lines.append(f"  recorded {rec['created']} on {host.get('name', '?')} (Linux {host.get('kernel', '?')}, "
                  f"{host.get('machine', '?')}) by rrstub {rec['rrstub']}")
     lines.append(f"  mode: {i['mode']}" + (f" ({i['mode_reason']})" if i["mode_reason"] else ""))
+    if i["mode"] == "fast":
+        lines.append("  positions: the markers and the end below are at exit numbers; --until, --from, serve and "
+                     "trace count instructions from the first marker (give a marker as mN or by its name)")
     lines.append(f"  kernel: {i['kernel']['name']} sha256 {i['kernel']['sha256']}")
     m = i["machine"]
     lines.append(f"  machine: {m['mem_bytes'] // (1 << 20) if m['mem_bytes'] else '?'} MiB RAM, "
@@ -83,7 +87,7 @@ def format_info(i: dict) -> str:
         lines.append(f"  id: {i['id']}")
     p = i.get("parent")
     if p:
-        lines.append(f"  branch of {p.get('file')} (id {p.get('id')}) at {place(i['unit'][:-1], p.get('position', 0))} "
+        lines.append(f"  branch of {p.get('file')} (id {p.get('id')}) at {place(p.get('unit', i['unit'][:-1]), p.get('position', 0))} "
                      f"(--go-live {p.get('at')}), {p.get('guest_ns', 0) / 1e9:.6f} s of guest time")
     d = i.get("derived")
     if d:
@@ -106,7 +110,8 @@ def format_info(i: dict) -> str:
         extra = [f"{e['serial_bytes']} serial bytes out" if e["serial_bytes"] is not None
                  else "serial output not hashed (a crop)"]
         if i["mode"] == "fast":
-            extra.append(f"{e['landmarks']} landmarks")
+            moved = e.get("relocated_landmarks")
+            extra.append(f"{e['landmarks']} landmarks" + (f" ({moved} moved out of loops)" if moved else ""))
         lines.append("         " + ", ".join(extra))
     else:
         lines.append(f"  ended: unknown (incomplete); the log covers up to {place(i['unit'][:-1], i['last_position'])}")
@@ -120,7 +125,7 @@ def format_info(i: dict) -> str:
     if i.get("labels"):
         lines.append(f"  labels (positions named during replay, no snapshot): {len(i['labels'])}")
         for x in i["labels"]:
-            lines.append(f"    {x['name']:<16} at {place(i['unit'][:-1], x['position'])}")
+            lines.append(f"    {x['name']:<16} at {place('instruction', x['position'])}")
     lines.append("  events: " + (", ".join(f"{k} {v}" for k, v in sorted(i["events"].items())) or "none"))
     lines.append("  sizes (raw -> stored):")
     for kind, s in i["sizes"].items():

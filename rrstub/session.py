@@ -27,7 +27,8 @@ from typing import BinaryIO, Callable, Optional
 from rrstub import __version__
 from rrstub import events as ev
 from rrstub.engines import (DEFAULT_MARKER_EVERY_NS, EVENT_POSITIONS, FLUSH_CHECK_EVERY, NOMINAL_PS_PER_INSTR,
-                            Divergence, Engine, ExactEngine, FastEngine, LogSink, LogSource, Outcome, place)
+                            Divergence, Engine, ExactEngine, FastEngine, FastStepEngine, LogSink, LogSource, Outcome,
+                            place)
 from rrstub.markers import MarkerError, decode_marker
 from rrstub.recording import ChunkKind, Recording, RecordingWriter
 from vmm import boot
@@ -283,6 +284,7 @@ class RecordingOutput:
             "exits": machine.exits, "events": dict(sink.counts),
             "host_seconds": (host_monotonic_ns() - started) / 1e9,
             "landmarks": getattr(engine, "landmarks", 0),
+            "relocated_landmarks": getattr(engine, "relocated", 0),
             "delayed_deliveries": getattr(engine, "delayed", 0),
         }
         summary.update(self.summary_extra())
@@ -488,12 +490,25 @@ def _flush_while_stepping(engine: Engine) -> None:
     engine.on_boundary = boundary
 
 
-def seek(engine: Engine, rec: Recording, source: LogSource, position: int) -> int:
+@dataclass(frozen=True)
+class RecordedMarker:
+    """A fast recording's marker as a target: its instruction count is known once replay reaches it."""
+    index: int
+
+    def __str__(self) -> str:
+        return f"m{self.index}"
+
+
+def seek(engine: Engine, rec: Recording, source: LogSource, position) -> int:
     """Replay: restore the last recorded marker at or before ``position``; returns its index.
 
     Memory comes from the page sets of markers 0..k, the rest of the state
     from marker k; the log resumes after the point that carries marker k.
+    A fast recording replayed instruction by instruction starts from its
+    first marker: the instruction counts of the later ones are not known.
     """
+    if isinstance(engine, FastStepEngine):
+        return 0
     k = 0
     for i, m in enumerate(rec.markers):
         if m.meta["position"] <= position:
@@ -515,19 +530,26 @@ def seek(engine: Engine, rec: Recording, source: LogSource, position: int) -> in
             return k
 
 
-def resolve_position(rec: Recording, text: str, what: str = "--until") -> int:
+def resolve_position(rec: Recording, text: str, what: str = "--until"):
     """A position the user named for option ``what``: a number, mN, or a marker's or label's name.
 
-    Raises ValueError with the message for the user, also for a number
-    outside the recording (``Recording.position_range``).
+    Positions are instruction counts; a fast recording's markers are logged
+    at exit numbers, so one of them resolves to a ``RecordedMarker`` that
+    the replay finds.  Raises ValueError with the message for the user,
+    also for a number outside the recording (``Recording.position_range``;
+    a fast recording's end is not known in instructions before a replay).
     """
     t = text.strip()
+    fast = rec.config.get("mode") == "fast"
     if t[:1] in "mM" and t[1:].isdigit():
         index = int(t[1:])
         if index >= len(rec.markers):
             raise ValueError(f"{what} {text}: the recording has markers m0..m{len(rec.markers) - 1}")
+        if fast:
+            return RecordedMarker(index) if index else 0
         return rec.markers[index].meta["position"]
-    named = [m.meta["position"] for m in rec.markers if m.meta.get("name") == t]
+    named = [(RecordedMarker(i) if i else 0) if fast else m.meta["position"]
+             for i, m in enumerate(rec.markers) if m.meta.get("name") == t]
     named += [x["position"] for x in rec.labels if x["name"] == t]
     if named:
         return named[0]
@@ -536,6 +558,10 @@ def resolve_position(rec: Recording, text: str, what: str = "--until") -> int:
     except ValueError:
         raise ValueError(f"{what} {text!r}: give a position (a number), a marker (m0, m1, ...) or a "
                          "marker or label name (`rrstub info` lists them)") from None
+    if fast:
+        if value < 0:
+            raise ValueError(f"{what} {text}: positions are instruction counts from 0")
+        return value
     first, last = rec.position_range()
     if not first <= value <= last:
         units = ENGINES[rec.config["mode"]].unit + "s" if rec.config.get("mode") in ENGINES else "positions"
@@ -569,14 +595,18 @@ def go_live(path: str, at: str, *, out_path: Optional[str] = None, serial_in: Op
         config = rec.config
         mode = config.get("mode")
         out = SerialHashes(serial_out if serial_out is not None else sys.stdout.buffer)
-        engine, machine, source = _replay_machine(rec, kernel_check, out, warn, until=position)
+        engine, machine, source = _replay_machine(rec, kernel_check, out, warn, until=position, stepping=True)
         seek(engine, rec, source, position)
         outcome = engine.run()
         if outcome.reason != "until":
+            known = (f"{path} has {engine.unit}s {'..'.join(map(str, rec.position_range()))}"
+                     if mode == "exact" else f"{path} ends at {place(engine.unit, outcome.position)}")
             raise ReplayError(f"--go-live {at}: the replay ended ({outcome.reason}) at "
-                              f"{place(engine.unit, outcome.position)}, before reaching {position}; "
-                              f"{path} has {engine.unit}s {'..'.join(map(str, rec.position_range()))}")
-        warn(f"live from {place(engine.unit, position)} ({engine.guest_now() / 1e9:.6f} s of guest time): "
+                              f"{place(engine.unit, outcome.position)}, before reaching {position}; {known}")
+        position = engine.position
+        if isinstance(engine, FastStepEngine):
+            engine = engine.live()      # the live part runs freely, recorded by the fast engine
+        warn(f"live from {place('instruction', position)} ({engine.guest_now() / 1e9:.6f} s of guest time): "
              + (f"recording the branch to {out_path}" if out_path else "not recorded (give -o to keep it)"))
         if out_path is None:
             fd, scratch = tempfile.mkstemp(prefix="rrstub-live-", suffix=".rrr")
@@ -586,7 +616,8 @@ def go_live(path: str, at: str, *, out_path: Optional[str] = None, serial_in: Op
                                         config["cmdline"], config["rtc_epoch_ns"], config["ps_per_instr"],
                                         config["marker_every_ns"], serial_in is not None))
         branch_config["parent"] = {"id": recording_id(rec), "file": os.path.abspath(path),
-                                   "position": position, "at": at, "guest_ns": engine.guest_now()}
+                                   "position": position, "unit": "instruction", "at": at,
+                                   "guest_ns": engine.guest_now()}
         writer = RecordingWriter(out_path or scratch, branch_config, rec.kernel_name, rec.kernel_bytes())
         sink = LogSink(writer)
         output = RecordingOutput(writer, engine, sink, out, warn=warn)
@@ -729,20 +760,32 @@ def _summary_of(path: str) -> Optional[dict]:
         return rec.summary
 
 
-def _start_at(engine: Engine, rec: Recording, source: LogSource, out: HashingStream, start: int,
-              until: Optional[int]) -> None:
+def set_until(engine: Engine, target) -> None:
+    """Where ``engine.run`` stops: an instruction count (or exit number), a ``RecordedMarker``, or None."""
+    if isinstance(target, RecordedMarker):
+        if not isinstance(engine, FastStepEngine):
+            raise ReplayError(f"{target} is a fast recording's marker: replay it instruction by instruction")
+        engine.until, engine.until_marker = None, target.index
+        return
+    engine.until = target
+    if isinstance(engine, FastStepEngine):
+        engine.until_marker = None
+
+
+def _start_at(engine: Engine, rec: Recording, source: LogSource, out: HashingStream, start,
+              until) -> None:
     """--from: restore the marker at or before ``start``, replay silently to ``start``."""
-    if until is not None and until < start:
+    if isinstance(until, int) and isinstance(start, int) and until < start:
         raise ReplayError(f"--until {until} is before --from {start}")
     seek(engine, rec, source, start)
-    if engine.position < start:
+    if isinstance(start, RecordedMarker) or engine.position < start:
         stream, out.stream = out.stream, None
-        engine.until = start
+        set_until(engine, start)
         try:
             outcome = engine.run()
         finally:
             out.stream = stream
-            engine.until = until
+            set_until(engine, until)
         if outcome.reason != "until":
             raise ReplayError(f"--from {start}: the recording ends at {place(engine.unit, outcome.position)}")
 
@@ -869,10 +912,12 @@ def open_kernel(rec: Recording, kernel_check: Optional[str]) -> boot.KernelImage
 def _replay_machine(rec: Recording, kernel_check: Optional[str], out: HashingStream,
                     warn: Callable[[str], None], *, until: Optional[int] = None,
                     speed: Optional[float] = None,
-                    before_restore: Optional[Callable[[Engine], None]] = None
-                    ) -> tuple[Engine, Machine, LogSource]:
+                    before_restore: Optional[Callable[[Engine], None]] = None,
+                    stepping: bool = False) -> tuple[Engine, Machine, LogSource]:
     """The recorded machine in the state of the recording's first marker, ready to replay.
 
+    ``stepping``: a fast recording is replayed instruction by instruction
+    (``FastStepEngine``: positions are instruction counts), not freely.
     Returns (engine, machine, source); the caller closes the machine.
     """
     if rec.recovered:
@@ -885,8 +930,9 @@ def _replay_machine(rec: Recording, kernel_check: Optional[str], out: HashingStr
     image = open_kernel(rec, kernel_check)
     source = LogSource(rec)
     kw = {"ps_per_instr": config["ps_per_instr"]} if mode == "exact" else {}
-    engine = ENGINES[mode](source=source, marker_every_ns=config["marker_every_ns"], until=until,
-                           speed=speed, **kw)
+    kind = FastStepEngine if stepping and mode == "fast" else ENGINES[mode]
+    engine = kind(source=source, marker_every_ns=config["marker_every_ns"], speed=speed, **kw)
+    set_until(engine, until)
     machine = Machine(image, config["mem_size"], config["cmdline"], serial_out=out, warn=warn,
                       clock=engine.clock, rtc_epoch_ns=config["rtc_epoch_ns"], dirty_log=True)
     try:
@@ -920,9 +966,12 @@ def replay(path: str, *, until: Optional[int] = None, speed: Optional[float] = N
     try:
         out = HashingStream(serial_out if serial_out is not None else sys.stdout.buffer)
         started = host_monotonic_ns()
+        # A fast recording is replayed instruction by instruction where
+        # positions matter (--until, --from, VAssert reports); freely otherwise.
+        stepping = until is not None or start is not None or vassert is not None
         engine, machine, source = _replay_machine(
             rec, kernel_check, out, warn, until=until, speed=speed,
-            before_restore=None if vassert is None else vassert.install)
+            before_restore=None if vassert is None else vassert.install, stepping=stepping)
         try:
             if start is not None:
                 _start_at(engine, rec, source, out, start, until)
@@ -946,12 +995,12 @@ def replay(path: str, *, until: Optional[int] = None, speed: Optional[float] = N
             end = source.end
             verified = False
             if outcome.reason not in ("until", "incomplete", "interrupted") and end is not None:
-                if (outcome.reason, outcome.position) != (end.reason, end.pos) or (
+                if (outcome.reason, engine.log_pos) != (end.reason, end.pos) or (
                         outcome.reason == "exit" and outcome.status != end.status):
                     raise Divergence(outcome.position,
                                      f"the run ended with {outcome.reason} (status {outcome.status}) at "
                                      f"{place(engine.unit, outcome.position)}; the recording ended with "
-                                     f"{end.reason} (status {end.status}) at {place(engine.unit, end.pos)}",
+                                     f"{end.reason} (status {end.status}) at {place(engine.log_unit, end.pos)}",
                                      engine.last_match, engine.unit)
                 summary = rec.summary or {}
                 if start is None and summary.get("serial_sha256") and summary["serial_sha256"] != out.hash.hexdigest():

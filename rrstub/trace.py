@@ -1,4 +1,4 @@
-"""`rrstub trace`: every instruction of an exact recording, from its replay.
+"""`rrstub trace`: every instruction of a recording, from its replay.
 
 ``InstructionTrace`` replays a ``Timeline`` forward over a range of
 positions and reports each step as an ``Executed``: its position, address,
@@ -36,6 +36,8 @@ import struct
 import sys
 import time
 from typing import Callable, NamedTuple, Optional, TextIO
+
+from rrstub.engines.base import NEVER
 
 TEXT_EPILOG = """\
 output (--format text, the default): one line per position
@@ -75,14 +77,14 @@ label name (as `rrstub replay --until`). The trace covers [--from, --to):
 
 exit status:
   0    traced (also when the output's reader went away early, e.g. `| head`)
-  2    bad arguments (a position outside the recording, --from after --to), an
-       unusable recording, or a recording made with --mode fast
+  2    bad arguments (a position outside the recording, --from after --to) or an
+       unusable recording
   66   replay did not follow the recording (a report says where)
   70   the replay engine failed
   130  Ctrl-C (143: SIGTERM): what was traced up to then is written
 
 examples:
-  rrstub record examples/build/race.elf -o race.rrr --mode exact --cmdline increments=200
+  rrstub record examples/build/race.elf -o race.rrr --cmdline increments=200
   rrstub trace race.rrr | head -20
   rrstub trace race.rrr --from 12000 --to 12100
   rrstub trace race.rrr --from m1 --format jsonl -o trace.jsonl
@@ -289,7 +291,7 @@ class InstructionTrace:
         Returns the engine's Outcome; raises Divergence when replay leaves the
         recording, TimelineError when it cannot get there.
         """
-        from rrstub.engines import NEVER, Outcome
+        from rrstub.engines import Outcome
         from rrstub.replay.timeline import TimelineError
         from vmm.machine import MachineError
         t, e = self.timeline, self.engine
@@ -320,7 +322,7 @@ class InstructionTrace:
             return e.run()
         except MachineError as err:
             end = t.guest_end
-            if end is not None and c.icount >= end.pos:
+            if end is not None and e.log_pos >= end.pos:
                 return Outcome(end.reason, end.status, c.icount, e.guest_now(), str(err))
             raise TimelineError(f"the guest stopped at instruction {c.icount}, where the recording "
                                 f"does not end: {err}") from None
@@ -399,18 +401,24 @@ class Progress:
         self.enabled = not quiet and (self.tty or stop - start > LONG_TRACE)
         self.began = time.monotonic()
         self.next_at = self.began + PROGRESS_FIRST
+        self.first: Optional[tuple[float, int]] = None
         self.drawn = False
 
     def __call__(self, pos: int) -> None:
         now = time.monotonic()
+        if self.first is None:
+            self.first = (now, pos)     # the rate counts from here, not from the replay to --from
         if not self.enabled or now < self.next_at:
             return
         self.next_at = now + (PROGRESS_EVERY_TTY if self.tty else PROGRESS_EVERY_LOG)
         done, total = pos - self.start, self.stop - self.start
-        rate = done / (now - self.began)
-        eta = (total - done) / rate if rate else 0
-        line = (f"rrstub: trace at instruction {pos} ({100 * done / total:.0f}%), "
-                f"{rate / 1e3:.0f}k instructions/s, {eta:.0f} s left")
+        rate = (pos - self.first[1]) / (now - self.first[0]) if now > self.first[0] else 0
+        if self.stop >= NEVER:      # a fast recording whose end is not counted yet
+            line = f"rrstub: trace at instruction {pos}, {rate / 1e3:.0f}k instructions/s"
+        else:
+            eta = (total - done) / rate if rate else 0
+            line = (f"rrstub: trace at instruction {pos} ({100 * done / total:.0f}%), "
+                    f"{rate / 1e3:.0f}k instructions/s, {eta:.0f} s left")
         if self.tty:
             self.stream.write(f"\r{line}\x1b[K")
         else:
@@ -454,11 +462,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "trace", help="list every instruction a recording executed",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="List the instructions an exact-mode recording executed, one per line, with "
+        description="List the instructions a recording executed, one per line, with "
                     "position, address, bytes, disassembly and the registers each one changed. The "
                     "trace comes from replaying the recording; the guest is not changed.",
         epilog=TEXT_EPILOG)
-    p.add_argument("recording", metavar="REC", help="a file written by `rrstub record --mode exact`")
+    p.add_argument("recording", metavar="REC", help="a file written by `rrstub record` (either mode)")
     p.add_argument("--from", dest="start", metavar="POSITION|mN",
                    help="first instruction to list (default: the start of the recording)")
     p.add_argument("--to", dest="stop", metavar="POSITION|mN",
@@ -476,17 +484,11 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from rrstub.cli import EXIT_KVM_ERROR, EXIT_RECORDING, EXIT_USAGE, _err, _parse_until
     from rrstub.engines import Divergence, EngineError
     from rrstub.recording import Recording, RecordingError
-    from rrstub.replay.timeline import Timeline, TimelineError
+    from rrstub.replay.timeline import PastTheEnd, Timeline, TimelineError
     from rrstub.session import EXIT_DIVERGED, interruption
 
     try:
         with Recording.open(args.recording) as rec:
-            mode = rec.config.get("mode")
-            if mode != "exact":
-                _err(f"{args.recording} was recorded with --mode {mode}: its positions are exit numbers, "
-                     "and a trace lists instructions by their position. Record it again with "
-                     "`rrstub record --mode exact` to trace it.")
-                return EXIT_USAGE
             start = _parse_until(args.start, rec, "--from")
             stop = _parse_until(args.stop, rec, "--to")
     except RecordingError as e:
@@ -501,12 +503,18 @@ def cmd_trace(args: argparse.Namespace) -> int:
         _err(str(e))
         return EXIT_RECORDING
     with timeline:
-        first, last = timeline.first, timeline.last
+        try:
+            start, stop = (None if p is None else timeline.resolve(p) for p in (start, stop))
+        except (Divergence, TimelineError) as e:
+            _err(str(e))
+            return EXIT_DIVERGED
+        # A fast recording's end is counted when replay gets there: "to the end" until then.
+        first, last = timeline.first, timeline.last if timeline.last is not None else NEVER
         start = first if start is None else start
         stop = last if stop is None else stop
         for option, text, value in (("--from", args.start, start), ("--to", args.stop, stop)):
             if not first <= value <= last:
-                _err(f"{option} {text}: the recording has instructions {first}..{last}")
+                _err(f"{option} {text}: the recording has instructions {first}..{timeline.last_words()}")
                 return EXIT_USAGE
         if start > stop:
             _err(f"--from {args.start} (instruction {start}) is after --to {args.stop} (instruction {stop})")
@@ -516,7 +524,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         except OSError as e:
             _err(f"cannot open {e.filename}: {e.strerror}")
             return EXIT_USAGE
-        width = max(6, len(str(stop)))
+        width = max(6, len(str(stop))) if stop < NEVER else 8
         fmt = format_json if args.format == "jsonl" else (lambda x: format_text(x, width))
         writer = LineWriter(out, fmt)
         progress = Progress(start, stop, quiet=args.quiet)
@@ -528,6 +536,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
             except KeyboardInterrupt as e:
                 status, _, word = interruption(e)
                 failure = status, word
+            except PastTheEnd:
+                _err(f"--from {args.start}: the recording has instructions {first}..{timeline.last_words()}")
+                return EXIT_USAGE
             except (Divergence, TimelineError) as e:
                 failure = EXIT_DIVERGED, str(e)
             except EngineError as e:
@@ -537,6 +548,10 @@ def cmd_trace(args: argparse.Namespace) -> int:
             if args.output:
                 out.close()
         progress.done()
+        if failure is None and stop < NEVER and start + writer.count < stop and args.stop is not None:
+            _err(f"--to {args.stop}: the recording ends at instruction {start + writer.count}, before "
+                 f"reaching {stop}; traced [{start}, {start + writer.count})")
+            return EXIT_USAGE
         if failure is not None:
             status, message = failure
             _err(f"{message}; the trace has positions [{start}, {start + writer.count})")
@@ -545,6 +560,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         if not args.quiet:
             end = timeline.source.end
             note = f"; the recording ends there ({end.reason})" if stop == last and end is not None else ""
+            stop = min(stop, start + writer.count)
             _err(f"traced {writer.count} instructions [{start}, {stop}) in {seconds:.2f} s, "
                  f"{writer.count / seconds / 1e3 if seconds else 0:.0f}k instructions/s{note}")
     return 0

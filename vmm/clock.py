@@ -204,5 +204,14 @@ class SampledClock(Clock):
         """The last value, without sampling."""
         return self._now
 
+    def sampled_by(self, sample: Callable[[], int]) -> None:
+        """From now on, values come from ``sample`` (another engine took the machine over)."""
+        self._sample = sample
+
+    def rewind(self, ns: int) -> None:
+        """Restoring an earlier state: the clock reads ``ns`` again, sampled anew at the next point."""
+        self._now = ns
+        self.fresh = False
+
     def new_point(self) -> None:
         self.fresh = False

@@ -225,12 +225,25 @@ class DirtyTracker:
         self.npages = mem_size // PAGE_SIZE
         self._dirty = 0          # bit p set: page p written since the last reset
         self._pages: list[int] = []
+        # A second interval with its own start (``mark``), which ``reset``
+        # does not end: pages written since a recorded marker, while the
+        # replay timeline resets the first interval at its own checkpoints.
+        self.marked = 0
 
     def collect(self) -> None:
-        """Fold KVM's dirty log (and clear it) into the accumulated set."""
-        bitmap = self.vm.get_dirty_log(self.slot, self.npages)
-        self._dirty |= int.from_bytes(bitmap, "little")
+        """Fold KVM's dirty log (and clear it) into the accumulated sets."""
+        bits = int.from_bytes(self.vm.get_dirty_log(self.slot, self.npages), "little")
+        self._dirty |= bits
+        self.marked |= bits
         self._pages = _set_bits(self._dirty)
+
+    def mark(self) -> None:
+        """Start the second interval here (``collect()`` first, or earlier writes join it)."""
+        self.marked = 0
+
+    def marked_digest(self, mem: Memory) -> int:
+        """``digest`` of the pages written since ``mark()`` (as of the last ``collect()``)."""
+        return pages_digest(mem, _set_bits(self.marked))
 
     def take_new(self) -> list[int]:
         """Pages written since KVM's log was last read, ascending; clears KVM's log WITHOUT
@@ -244,18 +257,23 @@ class DirtyTracker:
         return list(self._pages)
 
     def reset(self) -> None:
-        """Start a new interval: collect what KVM holds, then forget all of it."""
-        self.vm.get_dirty_log(self.slot, self.npages)
+        """Start a new interval: collect what KVM holds, then forget all of it (but not ``marked``)."""
+        self.collect()
         self._dirty = 0
         self._pages = []
 
     def digest(self, mem: Memory) -> int:
         """A 64-bit hash of ``pages()``: their numbers, then their contents in that order."""
-        view = _view(mem)
-        h = hashlib.blake2b(struct.pack(f"<{len(self._pages)}Q", *self._pages), digest_size=8)
-        for p in self._pages:
-            h.update(view[p * PAGE_SIZE:(p + 1) * PAGE_SIZE])
-        return int.from_bytes(h.digest(), "little")
+        return pages_digest(mem, self._pages)
+
+
+def pages_digest(mem: Memory, pages: list[int]) -> int:
+    """A 64-bit hash of guest pages: their numbers (ascending), then their contents in that order."""
+    view = _view(mem)
+    h = hashlib.blake2b(struct.pack(f"<{len(pages)}Q", *pages), digest_size=8)
+    for p in pages:
+        h.update(view[p * PAGE_SIZE:(p + 1) * PAGE_SIZE])
+    return int.from_bytes(h.digest(), "little")
 
 
 def _set_bits(x: int) -> list[int]:

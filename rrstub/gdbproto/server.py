@@ -401,7 +401,7 @@ class Session:
         if not words or words[0] == "help":
             return MONITOR_HELP
         if words == ["when"]:
-            return f"instruction {t.position} of {t.last}, guest time {t.engine.guest_now() / 1e9:.6f} s\n"
+            return f"instruction {t.position} of {t.last_words()}, guest time {t.engine.guest_now() / 1e9:.6f} s{t.log_words()}\n"
         if words == ["markers"]:
             lines = []
             for cp in t.markers():
@@ -415,10 +415,7 @@ class Session:
             position = _position_word(words[1])
             if position is None:
                 cp = t.named(words[1])
-                label = next((x for x in t.rec.labels if x["name"] == words[1]), None)
-                if cp is None and label is None:
-                    raise TimelineError(f"no marker named {words[1]!r}: `monitor markers` lists them")
-                position = cp.position if cp is not None else label["position"]
+                position = cp.position if cp is not None else self._recorded_position(words[1])
             t.goto(position)
             self.last_stop = C.Stop(SIGTRAP, (), THREAD)
             return (f"at instruction {t.position}; gdb rereads the state by itself with "
@@ -426,14 +423,23 @@ class Session:
         if words == ["info"]:
             rec = t.rec
             end = t.source.end
-            return (f"recording {rec.path}\n  kernel {rec.kernel_name}, mode exact, "
+            return (f"recording {rec.path}\n  kernel {rec.kernel_name}, mode {t.mode}, "
                     f"{len(rec.markers)} recorded markers\n"
-                    f"  ends at instruction {t.last}"
+                    f"  ends at instruction {t.last_words()}"
                     f"{f' ({end.reason}, status {end.status})' if end is not None else ' (incomplete)'}\n"
-                    f"  now at instruction {t.position}\n"
+                    f"  now at instruction {t.position}{t.log_words()}\n"
                     f"  {len(t.checkpoints)} checkpoints in memory, {t.pages.stored_bytes >> 10} KiB of pages\n")
         raise TimelineError(f"unknown monitor command {' '.join(words)!r}; `monitor help` lists them")
 
+
+    def _recorded_position(self, name: str) -> int:
+        """A marker or label of the recording file by name (mN, a marker's name, a label)."""
+        from rrstub.session import resolve_position
+        try:
+            target = resolve_position(self.timeline.rec, name, "goto")
+        except ValueError:
+            raise TimelineError(f"no marker named {name!r}: `monitor markers` lists them") from None
+        return self.timeline.resolve(target)   # a fast recording's marker: replay finds it
 
     def _marker_add(self, names: list[str]) -> str:
         """Name the current position in this session and, as a label, in the recording file."""

@@ -1,9 +1,16 @@
 """The replay timeline: a recording as a history one can move through in both directions.
 
-A ``Timeline`` replays an exact recording (positions are instruction
-counts) on one machine and can be moved to any position of it: forward by
-replaying, backward by restoring a checkpoint before the target and
-replaying forward from there.  This is what the GDB server serves.
+A ``Timeline`` replays a recording on one machine, instruction by
+instruction (positions are instruction counts: ``ExactEngine`` for exact
+recordings, ``FastStepEngine`` for fast ones), and can be moved to any
+position of it: forward by replaying, backward by restoring a checkpoint
+before the target and replaying forward from there.  This is what the GDB
+server serves.
+
+A fast recording's markers and end are logged at exit numbers; their
+instruction counts become known as replay passes them (``recorded_at``,
+``last`` is None until the end was reached), so only its first marker is
+a checkpoint from the start.
 
 Checkpoints are complete machine states kept in memory: the recording's
 own markers, one every ``CHECKPOINT_EVERY`` instructions wherever replay
@@ -15,7 +22,12 @@ from, and restoring rewrites only the pages that can differ.
 Reverse continue scans forward from the checkpoint before the current
 position, notes every breakpoint and watchpoint hit up to the current
 position, and goes to the last one; with none, it tries the checkpoint
-before that, down to the start of the recording.
+before that, down to the start of the recording.  Each checkpoint keeps a
+summary of the rips replay looked at since the previous one (a 4096-bit
+hash set filled by ``rr_step``): an interval whose summary lacks every
+breakpoint's bit has no hit, so with breakpoints alone reverse continue
+skips it without replaying it, and continue jumps over it by restoring the
+checkpoint at its end.
 
 Invariants:
 * every checkpoint at position t was captured by a replay that started at
@@ -34,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterable, Optional
 
 from rrstub import events as ev
-from rrstub.engines import Divergence, ExactEngine, LogSource, NEVER, Outcome, GUEST_ENDS
+from rrstub.engines import Divergence, ExactEngine, FastStepEngine, LogSource, NEVER, Outcome, GUEST_ENDS
 from rrstub.markers import MarkerError, decode_marker
 from rrstub.recording import Recording
 from rrstub.session import EXIT_TERMINATED
@@ -52,6 +64,10 @@ MSR_KERNEL_GS_BASE = 0xC0000102
 
 class TimelineError(Exception):
     """The timeline cannot do what was asked; the message says why and what to do."""
+
+
+class PastTheEnd(TimelineError):
+    """A position after the recording's end (a fast recording's end is found by replaying to it)."""
 
 
 # ---------------------------------------------------------------------------
@@ -104,6 +120,9 @@ class Checkpoint:
     marker_point: bool = False  # a recorded marker: the point's injection is still to come
     names: list[str] = field(default_factory=list)
     recorded: Optional[int] = None
+    # The rips looked at in [visited_from, position) (``rr_visited_bit``), when a replay ran it straight.
+    visited: Optional[bytes] = None
+    visited_from: int = -1
 
 
 # ---------------------------------------------------------------------------
@@ -147,18 +166,6 @@ class SeekableSource(LogSource):
             if isinstance(e, ev.Point) and e.marker == index:
                 return i + 1
         return None
-
-
-class _Engine(ExactEngine):
-    """The exact replay engine as the timeline drives it.
-
-    Recorded marker digests are not verified: they chain the pages dirtied
-    since the previous recorded marker, and the timeline resets the dirty
-    log at its own checkpoints.  Register checks in the log still are.
-    """
-
-    def _verify_marker(self, point: ev.Point) -> None:
-        self.last_match = self.position
 
 
 # ---------------------------------------------------------------------------
@@ -261,18 +268,25 @@ class Timeline:
                 warn(rec.recovery_note)
             rec.verify()
             config = rec.config
-            if config.get("mode") != "exact":
-                raise TimelineError(
-                    f"{path} was recorded with --mode {config.get('mode')}: its positions are exit "
-                    "numbers, and reverse execution needs instruction positions. Record with "
-                    "`rrstub record --mode exact` to debug the recording backwards.")
+            self.mode = config.get("mode")
+            if self.mode not in ("exact", "fast"):
+                raise TimelineError(f"{path}: unknown recording mode {self.mode!r} (this rrstub knows "
+                                    "exact and fast)")
             try:
                 image = open_kernel(rec, kernel_check)
             except ReplayError as e:
                 raise TimelineError(str(e)) from None
             self.source = SeekableSource(rec)
-            self.engine = _Engine(source=self.source, marker_every_ns=config["marker_every_ns"],
-                                  ps_per_instr=config["ps_per_instr"])
+            kind = FastStepEngine if self.mode == "fast" else ExactEngine
+            self.engine = kind(source=self.source, marker_every_ns=config["marker_every_ns"],
+                               ps_per_instr=config["ps_per_instr"])
+            # Recorded marker digests chain the pages dirtied since the previous
+            # recorded marker, and the timeline resets the dirty log at its own
+            # checkpoints: they are not verified here (register checks still are).
+            self.engine.verify_markers = False
+            self.recorded_at: dict[int, int] = {}     # recorded marker index -> instruction
+            if self.mode == "fast":
+                self.engine.on_recorded_marker = self._recorded_marker
             self.frontier = 0
             self.machine = Machine(image, config["mem_size"], config["cmdline"],
                                    serial_out=_MuteBelow(serial_out, self), warn=warn,
@@ -284,12 +298,16 @@ class Timeline:
             self.pages = PageHistory()
             self.checkpoints: dict[int, Checkpoint] = {}
             self._positions: list[int] = []
+            self._visited = ffi.new("uint64_t[]", lib.RR_VISITED_WORDS)
+            self._visited_from = 0
+            self.engine.ctl.visited = self._visited
             self._load_recorded_markers()
             self.first = self._positions[0]     # 0, or where a crop or branch starts
             self._restore(self.checkpoints[self.first], initial=True)
         except BaseException:
             self.close()
             raise
+        self.summaries = True     # use the visited summaries (off: always replay; tests compare both)
         self.breakpoints: set[int] = set()
         self.watches: list[Watch] = []
         self._breaks = ffi.new("uint64_t[]", 1)
@@ -302,7 +320,10 @@ class Timeline:
         self._stop_on_access = False
         end = self.source.end
         self.guest_end = end if end is not None and end.reason in GUEST_ENDS else None
-        self.last = end.pos if end is not None else self.source.covered
+        # The last position; a fast recording's is known once replay got there.
+        self.last: Optional[int] = None
+        if self.mode == "exact":
+            self.last = end.pos if end is not None else self.source.covered
         self.at_end = False
 
     def close(self) -> None:
@@ -324,7 +345,9 @@ class Timeline:
 
     def _load_recorded_markers(self) -> None:
         npages = self.machine.mem.size // PAGE
-        for info in self.rec.markers:
+        # A fast recording's later markers are at exit numbers: their instruction
+        # counts are learnt when replay passes them (``_recorded_marker``).
+        for info in self.rec.markers if self.mode == "exact" else self.rec.markers[:1]:
             try:
                 state = decode_marker(self.rec.payload(info))
                 pages = snapshot.decode_pages(state.pages, npages)
@@ -336,11 +359,22 @@ class Timeline:
             cursor = 0 if state.index == 0 else self.source.marker_cursor(state.index)
             if cursor is None:
                 continue
-            self.pages.add(state.position, pages)
-            self._add(Checkpoint(state.position, state.vcpu, state.devices, state.engine, cursor,
+            position = state.position if self.mode == "exact" else 0
+            self.recorded_at[state.index] = position
+            self.pages.add(position, pages)
+            self._add(Checkpoint(position, state.vcpu, state.devices, state.engine, cursor,
                                  tuple(p for p, _ in pages), False,
                                  marker_point=state.index > 0 or info.meta.get("resume") == "after_point",
                                  recorded=state.index))
+
+    def _recorded_marker(self, index: int, position: int) -> None:
+        """Fast recordings: replay passed recorded marker ``index`` (its point: the state it has)."""
+        self.recorded_at[index] = position
+        cp = self.checkpoints.get(position)
+        if cp is None:
+            cp = self._capture()
+            cp.marker_point = True      # taken before the point's injection, as a recorded marker is
+        cp.recorded = index
 
     def _add(self, cp: Checkpoint) -> None:
         if cp.position not in self.checkpoints:
@@ -357,7 +391,7 @@ class Timeline:
         m, e = self.machine, self.engine
         pos = e.ctl.icount
         if pos in self.checkpoints:
-            return self.checkpoints[pos]
+            return self._summarize(self.checkpoints[pos])
         self.tracker.collect()
         dirty = self.tracker.pages()
         view = m.mem.view
@@ -367,7 +401,34 @@ class Timeline:
         cp = Checkpoint(pos, m.vcpu.get_state(), m.device_states(), e.engine_state(), self.source.cursor,
                         tuple(dirty), e.inject_pending_at == pos)
         self._add(cp)
+        return self._summarize(cp)
+
+    def _summarize(self, cp: Checkpoint) -> Checkpoint:
+        """Give ``cp`` the visited summary of the straight run that reached it; start a new one."""
+        if cp.visited is None and self._visited_from < cp.position:
+            cp.visited, cp.visited_from = bytes(ffi.buffer(self._visited)), self._visited_from
+        self._clear_visited(cp.position)
         return cp
+
+    def _clear_visited(self, position: int) -> None:
+        ffi.memmove(self._visited, bytes(8 * lib.RR_VISITED_WORDS), 8 * lib.RR_VISITED_WORDS)
+        self._visited_from = position
+
+    def _after(self, position: int) -> Optional[Checkpoint]:
+        """The first checkpoint after ``position``."""
+        i = bisect.bisect_right(self._positions, position)
+        return self.checkpoints[self._positions[i]] if i < len(self._positions) else None
+
+    def _unhit(self, lo: int, cp: Optional[Checkpoint]) -> bool:
+        """Whether no breakpoint can be hit in [lo, cp) by its summary (watchpoints need a replay)."""
+        if not self.summaries or cp is None or self.watches or cp.visited is None or cp.visited_from > lo:
+            return False
+        words = memoryview(cp.visited).cast("Q")
+        for address in self.breakpoints:
+            bit = lib.rr_visited_bit(address)
+            if words[bit >> 6] >> (bit & 63) & 1:
+                return False
+        return True
 
     def _restore(self, cp: Checkpoint, initial: bool = False) -> None:
         m, e = self.machine, self.engine
@@ -387,6 +448,9 @@ class Timeline:
         m.vcpu.set_state(cp.vcpu)
         m.restore_devices(cp.devices)
         m._stop = None
+        self.tracker.collect()
+        self.tracker.reset()
+        self._clear_visited(cp.position)
         e.load_engine_state(cp.engine)
         e.position = e.last_match = cp.position
         self.source.cursor = cp.cursor
@@ -401,8 +465,6 @@ class Timeline:
         e._sync_vcpu_flags()
         if cp.marker_point:
             e.after_point(False)    # a recorded marker was taken before its point's injection
-        self.tracker.collect()
-        self.tracker.reset()
         self._from = cp.position
         self.at_end = False
 
@@ -470,11 +532,15 @@ class Timeline:
             self._next_accesses = self._decode_next()
             e.boundary_at = c.icount + 1
         try:
-            return e.run()
+            out = e.run()
+            if out.reason not in ("until", "break", "watch"):
+                self.last = c.icount     # the end: known from the start for exact recordings
+            return out
         except Divergence as d:
             raise TimelineError(f"the replay no longer follows the recording: {d}") from None
         except MachineError as err:
-            if self.guest_end is not None and c.icount >= self.guest_end.pos:
+            if self.guest_end is not None and e.log_pos >= self.guest_end.pos:
+                self.last = c.icount
                 return Outcome(self.guest_end.reason, self.guest_end.status, c.icount, e.guest_now(), str(err))
             raise TimelineError(f"the guest stopped at instruction {c.icount}, where the recording does "
                                 f"not end: {err}") from None
@@ -495,7 +561,7 @@ class Timeline:
             if out.reason != "until":
                 self.at_end = True
                 if self.position != target:
-                    raise TimelineError(f"the replay ended ({out.reason}) at instruction {self.position}, "
+                    raise PastTheEnd(f"the replay ended ({out.reason}) at instruction {self.position}, "
                                         f"before instruction {target}")
 
     def _end_stop(self, out: Optional[Outcome] = None) -> Stop:
@@ -512,9 +578,25 @@ class Timeline:
                 "incomplete": "the recording is incomplete: its writer was killed"}.get(reason, reason)
         return Stop("end", self.position, detail=f"end of the recording at instruction {self.position}: {what}")
 
+    def last_words(self) -> str:
+        """The last position for people: a fast recording's is known once replay has been there."""
+        if self.last is not None:
+            return str(self.last)
+        end = self.source.end
+        return (f"? (a fast recording's end, exit #{end.pos if end else self.source.covered}, is counted in "
+                "instructions when replay gets there)")
+
+    def log_words(self) -> str:
+        """Where the log is, for a fast recording: ' (exit #N)'; '' for an exact one."""
+        return f" (exit #{self.engine.exits})" if self.mode == "fast" else ""
+
+    def _past_log(self) -> bool:
+        """At the end of a log that stops without the guest's end (Ctrl-C, timeout, killed recorder)."""
+        return self.guest_end is None and self.last is not None and self.position >= self.last
+
     # -- what gdb asks ---------------------------------------------------------------
     def step(self) -> Stop:
-        if self.at_end or self.position >= self.last and self.guest_end is None:
+        if self.at_end or self._past_log():
             return self._end_stop()
         out = self._run(self.position + 1, breaks=False, watches=True)
         if out.reason != "until":
@@ -527,13 +609,23 @@ class Timeline:
         return Stop("step", self.position)
 
     def cont(self, poll: Callable[[], bool] = lambda: False) -> Stop:
-        if self.at_end or self.position >= self.last and self.guest_end is None:
+        if self.at_end or self._past_log():
             return self._end_stop()
         self._poll, self._interrupted = poll, False
-        self.engine.ctl.flags |= lib.RR_STEP_SKIP_BREAK   # no stop at the breakpoint we start from
         self._stop_on_access = True
         try:
-            out = self._run(None, breaks=True, watches=True)
+            out = None
+            if not self._skip_unhit():
+                self.engine.ctl.flags |= lib.RR_STEP_SKIP_BREAK   # no stop at the breakpoint we start from
+                # The interval we stand in shows our own breakpoint: replay it, then skip on.
+                ahead = self._after(self.position)
+                if ahead is not None and self._unhit(ahead.position, self._after(ahead.position)):
+                    out = self._run(ahead.position, breaks=True, watches=True)
+                    if out.reason == "until" and not self._interrupted:
+                        self._skip_unhit()
+                        out = None
+            if out is None:
+                out = self._run(None, breaks=True, watches=True)
         finally:
             self._poll = lambda: False
             self._stop_on_access = False
@@ -560,6 +652,10 @@ class Timeline:
         try:
             while hi > 0:
                 cp = self.checkpoint_before(hi, inclusive=False)
+                end = self.checkpoints.get(hi)
+                if end is not None and self._unhit(cp.position, end):
+                    hi = cp.position
+                    continue
                 self._restore(cp)
                 hits = self._scan(hi)
                 if self._interrupted:
@@ -573,6 +669,18 @@ class Timeline:
             self._poll = lambda: False
         self._seek(self.first)
         return Stop("begin", self.first, detail="start of the recording")
+
+    def _skip_unhit(self) -> bool:
+        """Continue: restore the furthest checkpoint ahead that replay provably reaches without a hit."""
+        to, at = None, self.position
+        while True:
+            cp = self._after(at)
+            if not self._unhit(at, cp):
+                break
+            to, at = cp, cp.position
+        if to is not None:
+            self._restore(to)
+        return to is not None
 
     def _scan(self, hi: int) -> list[tuple[int, Stop]]:
         """Replay from here to ``hi``; every breakpoint and watchpoint hit on the way, in order."""
@@ -604,9 +712,34 @@ class Timeline:
         if not hits or hits[-1][0] != pos:
             hits.append((pos, _watch_stop(pos, w)))
 
+    def resolve(self, target) -> int:
+        """An instruction count for a position option's value (``session.resolve_position``).
+
+        A fast recording's marker (``RecordedMarker``) is found by replaying
+        to it, unless replay has passed it already.
+        """
+        index = getattr(target, "index", None)
+        if index is None:
+            return target
+        if index not in self.recorded_at:
+            e = self.engine
+            furthest = self.checkpoints[self._positions[-1]]
+            if self.position < furthest.position or self.at_end:
+                self._restore(furthest)
+            e.until_marker = index
+            try:
+                out = self._run(None, breaks=False, watches=False)
+            finally:
+                e.until_marker = None
+            if out.reason != "until" or index not in self.recorded_at:
+                raise TimelineError(f"replay reached the end of the recording ({out.reason}) without "
+                                    f"meeting marker m{index}")
+        return self.recorded_at[index]
+
     def goto(self, position: int) -> Stop:
-        if not self.first <= position <= self.last:
-            raise TimelineError(f"instruction {position} is outside the recording ({self.first}..{self.last})")
+        if position < self.first or self.last is not None and position > self.last:
+            raise TimelineError(f"instruction {position} is outside the recording "
+                                f"({self.first}..{self.last})")
         self._seek(position)
         return Stop("step", self.position)
 

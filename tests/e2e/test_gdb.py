@@ -1,15 +1,30 @@
 """The real gdb 13 against `rrstub serve`, end to end: MI through pygdbmi, as IDEs drive it.
 
-One exact recording of race (``increments=2000``, about 219k instructions)
-is made per module and served by a fresh ``rrstub serve --port 0``
-subprocess for each test; gdb loads ``race.elf`` for symbols and connects
-with ``-target-select remote``.  Protocol robustness is tested with raw
-sockets against the same server, and every raw test ends by checking
-that a real gdb can still connect and ask ``monitor when``.  The last
-section treats the server as a service: a second gdb, gdb without a file
-(the recorded kernel comes over host I/O), the hooks in examples/gdb,
-labels, and the addresses it listens on.  Positions come from the
-recording (``monitor when``), never from an assumed instruction count.
+Two recordings of race (``increments=2000``) are made per module, one
+exact (about 220k instructions) and one fast (the guest ran freely; served
+instruction by instruction, so its positions are instruction counts too).
+Each is served by a fresh ``rrstub serve --port 0`` subprocess for each
+test; gdb loads ``race.elf`` for symbols and connects with
+``-target-select remote``.  The debugging tests (break/step/next/finish,
+stepi retraced by reverse-stepi, the reverse watchpoint, reverse-next and
+reverse-finish, thread entries, Ctrl-C, a client that leaves while
+running, ``monitor goto``) run on both recordings (``race``, ids
+``exact`` and ``fast``); protocol robustness and the server as a service
+run on the exact one only (``race_exact``), since they test the stub, not
+the engine behind it.
+
+A live run of race differs each time (host timing), so each recording is
+its own truth: the final count comes from what the recorded run printed,
+positions from ``monitor when``, never from an assumed instruction count.
+A fast recording's end is counted in instructions only once the replay
+has got there: until then ``monitor when`` says ``instruction N of ?``
+(with the end's exit number), after that ``instruction N of LAST``.
+
+Protocol robustness is tested with raw sockets against the same server,
+and every raw test ends by checking that a real gdb can still connect and
+ask ``monitor when``.  The last section treats the server as a service: a
+second gdb, gdb without a file (the recorded kernel comes over host I/O),
+the hooks in examples/gdb, labels, and the addresses it listens on.
 
 MI notes (see DESIGN.md, "GDB 13, seen from the stub"): every command is
 sent with a numeric token and its ``^result`` is matched by that token; a
@@ -33,14 +48,21 @@ from typing import Optional
 import pytest
 from pygdbmi.gdbcontroller import GdbController
 
-from conftest import ROOT, rrstub
+from conftest import ROOT, recording_info, rrstub
 
 pytestmark = [pytest.mark.kvm]
 
 INCREMENTS = 2000
 RACE_LINE = re.compile(rb"^race: counter=(\d+) expected=(\d+) lost=(\d+)\n\Z")
 READY = re.compile(r"waiting for gdb on 127\.0\.0\.1:(\d+) \(in gdb: target remote 127\.0\.0\.1:(\d+)\)")
-WHEN = re.compile(r"instruction (\d+) of (\d+)")
+# `monitor when`: "instruction N of LAST, guest time T s", and for a fast recording
+# "... (exit #E)" after it, or "of ?" with the end's exit number until replay has got there.
+WHEN = re.compile(r"instruction (\d+) of (\d+|\?)")
+WHEN_FAST_END_UNKNOWN = re.compile(
+    r"^instruction (\d+) of \? \(a fast recording's end, exit #(\d+), is counted in instructions when replay "
+    r"gets there\), guest time (\d+\.\d+) s \(exit #(\d+)\)$")
+WHEN_FAST_END_KNOWN = re.compile(r"^instruction (\d+) of (\d+), guest time (\d+\.\d+) s \(exit #(\d+)\)$")
+MODES = ["exact", "fast"]
 NO_HISTORY = "No more reverse-execution history."
 RACE_C = (ROOT / "examples" / "race.c").read_text().splitlines()
 
@@ -67,20 +89,62 @@ LINE_LOST = source_line("int lost = expected - counter;")    # kmain, after the 
 class Recorded:
     path: Path
     elf: Path
+    mode: str         # "exact" or "fast"
     counter: int      # the final value of `counter` the recorded run printed
+    status: int       # the recorded run's exit status
+    end: int          # where `rrstub info` says it ends: an instruction (exact) or an exit number (fast)
+    guest_s: float    # the guest time at its end
+
+    @property
+    def fast(self) -> bool:
+        return self.mode == "fast"
 
 
-@pytest.fixture(scope="module")
-def race(kernels, tmp_path_factory) -> Recorded:
-    rec = tmp_path_factory.mktemp("gdb") / "race.rrr"
-    r = rrstub("record", str(kernels / "race.elf"), "-o", str(rec), "--mode", "exact",
+def _record(kernels: Path, folder: Path, mode: str) -> Recorded:
+    """race.elf recorded in ``mode``; the run must have printed its count and ended with a matching status."""
+    rec = folder / "race.rrr"
+    r = rrstub("record", str(kernels / "race.elf"), "-o", str(rec), "--mode", mode,
                "--cmdline", f"increments={INCREMENTS}", timeout=60)
     m = RACE_LINE.match(r.stdout)
     assert m, r.stdout + r.stderr
     counter, expected, lost = map(int, m.groups())
     assert expected == 3 * INCREMENTS and counter + lost == expected
     assert r.returncode == (1 if lost else 0), r.stderr
-    return Recorded(rec, kernels / "race.elf", counter)
+    info = recording_info(rec)
+    assert info["mode"] == mode and info["complete"], info
+    assert info["end"]["reason"] == "exit" and info["end"]["status"] == r.returncode, info["end"]
+    assert info["last_position"] == info["end"]["position"], info
+    return Recorded(rec, kernels / "race.elf", mode, counter, r.returncode, info["end"]["position"],
+                    info["end"]["guest_s"])
+
+
+@pytest.fixture(scope="module")
+def recordings(kernels, tmp_path_factory):
+    """``recordings(mode)``: this module's recording in ``mode``, made the first time it is asked for."""
+    made: dict[str, Recorded] = {}
+
+    def get(mode: str) -> Recorded:
+        if mode not in made:
+            made[mode] = _record(kernels, tmp_path_factory.mktemp(f"gdb-{mode}"), mode)
+        return made[mode]
+    return get
+
+
+@pytest.fixture(scope="module", params=MODES)
+def race(request, recordings) -> Recorded:
+    """The debugging tests run on an exact and a fast recording of the same workload."""
+    return recordings(request.param)
+
+
+@pytest.fixture(scope="module")
+def race_exact(recordings) -> Recorded:
+    """Protocol and service tests: the stub does not depend on the engine, one recording is enough."""
+    return recordings("exact")
+
+
+@pytest.fixture(scope="module")
+def race_fast(recordings) -> Recorded:
+    return recordings("fast")
 
 
 # ---------------------------------------------------------------------------
@@ -121,6 +185,15 @@ class Server:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def said(self, text: str, timeout: float = 5) -> bool:
+        """Whether ``text`` is (or comes within ``timeout``) in its stderr, which a thread reads."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -231,9 +304,11 @@ class Stopped:
 @dataclass
 class Gdb:
     """gdb 13 in MI mode (pygdbmi), connected to a server; commands are matched by token.
-    ``elf`` None: no file, gdb takes the one the server offers."""
+    ``elf`` None: no file, gdb takes the one the server offers.  ``fast``: the server replays a fast
+    recording (its end may be unknown: ``monitor when`` says ``of ?`` until the replay got there)."""
     elf: Optional[Path]
     port: int
+    fast: bool = False
     async_mode: bool = False
     settings: tuple = ()                            # more `-gdb-set`s before connecting
     host: str = "127.0.0.1"
@@ -328,11 +403,9 @@ class Gdb:
         return self.stopped(timeout)
 
     # -- the target -----------------------------------------------------------------
-    def when(self) -> tuple[int, int]:
-        text = self.console("monitor when")
-        m = WHEN.search(text)
-        assert m, text
-        return int(m.group(1)), int(m.group(2))
+    def when(self) -> tuple[int, Optional[int]]:
+        """(the current instruction, the last one); the last is None while a fast recording's end is unknown."""
+        return parse_when(self.console("monitor when"), self.fast)
 
     def goto(self, position: int) -> None:
         text = self.console(f"monitor goto {position}", timeout=30)
@@ -362,6 +435,16 @@ class Gdb:
         self.ctl.gdb_process = None
 
 
+def parse_when(text: str, fast: bool) -> tuple[int, Optional[int]]:
+    """``monitor when``'s (instruction, last instruction); the last is None while a fast recording's end is unknown."""
+    m = WHEN.search(text)
+    assert m, text
+    if m.group(2) == "?":
+        assert fast, f"an exact recording's end is always known: {text!r}"
+        return int(m.group(1)), None
+    return int(m.group(1)), int(m.group(2))
+
+
 def _console(records: list) -> str:
     return "".join(r["payload"] or "" for r in records if r["type"] in ("console", "target"))
 
@@ -370,32 +453,55 @@ def registers(payload: dict) -> tuple:
     return tuple((r["number"], r["value"]) for r in payload["register-values"])
 
 
-@pytest.fixture
-def debug(race, tmp_path):
-    """``debug(clients=1, async_mode=False)``: a server for this test, and its first gdb (or None)."""
+def _debugger(rec: Recorded, tmp_path: Path):
+    """``debug(clients=1, async_mode=False)``: a server of ``rec`` for this test, and its first gdb (or None);
+    ``debug.connect(server)`` connects another; ``debug.rec`` is the recording served."""
     made: list = []
 
     def start(clients: int = 1, connect: bool = True, async_mode: bool = False):
-        server = Server(race.path, clients, tmp_path)
+        server = Server(rec.path, clients, tmp_path)
         made.append(server)
         gdb = None
         if connect:
-            gdb = Gdb(race.elf, server.port, async_mode=async_mode)
+            gdb = Gdb(rec.elf, server.port, fast=rec.fast, async_mode=async_mode)
             made.append(gdb)
         return server, gdb
 
-    def connect(server: Server, async_mode: bool = False, settings: tuple = (), elf=race.elf) -> Gdb:
-        gdb = Gdb(elf, server.port, async_mode=async_mode, settings=settings)
+    def connect(server: Server, async_mode: bool = False, settings: tuple = (), elf=rec.elf) -> Gdb:
+        gdb = Gdb(elf, server.port, fast=rec.fast, async_mode=async_mode, settings=settings)
         made.append(gdb)
         return gdb
 
     start.connect = connect
+    start.rec = rec
     yield start
     for thing in reversed(made):   # gdbs first, then the servers
         try:
             thing.close() if isinstance(thing, Gdb) else thing.stop()
         except Exception:
             pass
+
+
+@pytest.fixture
+def debug(race, tmp_path):
+    """Servers of ``race``: each test that uses it runs on the exact and on the fast recording."""
+    yield from _debugger(race, tmp_path)
+
+
+@pytest.fixture
+def debug_exact(race_exact, tmp_path):
+    yield from _debugger(race_exact, tmp_path)
+
+
+@pytest.fixture
+def debug_fast(race_fast, tmp_path):
+    yield from _debugger(race_fast, tmp_path)
+
+
+def before_the_end(position: int, last: Optional[int]) -> bool:
+    """``position`` is before the end of the history (``last`` None: a fast recording's replay has
+    not got to its end yet, so wherever it is, it is before it)."""
+    return last is None or position < last
 
 
 # ---------------------------------------------------------------------------
@@ -468,7 +574,7 @@ def test_reverse_stepi_retraces_forward_stepi(debug):
     server, gdb = debug()
     gdb.goto(START)
     when, last = gdb.when()
-    assert when == START and last > START + STEPS
+    assert when == START and before_the_end(START + STEPS, last)     # (fast: every step below must not end)
     names = gdb.cmd("-data-list-register-names")["register-names"]
     pc = str(names.index("rip"))
 
@@ -500,10 +606,15 @@ def test_reverse_stepi_retraces_forward_stepi(debug):
 def test_reverse_watchpoint_finds_the_last_write(debug, race):
     server, gdb = debug()
     stop = gdb.run("-exec-continue", timeout=40)
-    assert stop.reason is None, stop
-    assert NO_HISTORY in stop.console, stop
+    assert stop.reason is None, (stop, server.log)
+    assert NO_HISTORY in stop.console, (stop, server.log)
     position, last = gdb.when()
-    assert position == last
+    # The end, counted in instructions now (a fast recording's too: the replay got there).
+    assert last is not None and position == last, (position, last)
+    assert server.said(f"end of the recording at instruction {position}: the guest exited with status "
+                       f"{race.status}"), server.log
+    if not race.fast:
+        assert last == race.end
     assert gdb.integer("counter") == race.counter
 
     wpt = gdb.cmd("-break-watch counter")
@@ -613,8 +724,11 @@ def test_thread_entry_breakpoints_are_hit_once_per_thread_both_ways(debug):
     while (stop := gdb.run("-exec-continue", timeout=60)).reason == "breakpoint-hit":
         assert stop.frame["func"] == "worker", stop
         forward.append(gdb.when()[0])
-    assert NO_HISTORY in stop.console, stop
+    assert NO_HISTORY in stop.console, (stop, server.log)
+    end, last = gdb.when()
+    assert end == last, (end, last)                              # (a fast recording's end is known now)
     assert len(forward) == 3 and len(set(forward)) == 3          # race.c: WORKERS
+    assert all(0 < f < end for f in forward), (forward, end)
 
     gdb.cmd("-break-delete")
     gdb.cmd("-break-insert -h worker")
@@ -635,12 +749,59 @@ def test_thread_entry_breakpoints_are_hit_once_per_thread_both_ways(debug):
 
 
 # ---------------------------------------------------------------------------
+# A fast recording: its end is counted in instructions when the replay gets there
+
+
+@pytest.mark.timeout(120)
+def test_a_fast_recordings_end_is_counted_when_the_replay_gets_there(debug_fast, race_fast):
+    server, gdb = debug_fast(clients=2)
+    unknown = f"? (a fast recording's end, exit #{race_fast.end}, is counted in instructions when replay gets there)"
+    assert f"instructions 0..{unknown};" in server.log, server.log
+    text = gdb.console("monitor when").strip()
+    m = WHEN_FAST_END_UNKNOWN.match(text)
+    assert m, text
+    assert (int(m[1]), int(m[2]), float(m[3]), int(m[4])) == (0, race_fast.end, 0.0, 0), text
+    info = gdb.console("monitor info")
+    assert "mode fast" in info, info
+    assert f"ends at instruction {unknown} (exit, status {race_fast.status})" in info, info
+
+    # To the end with no breakpoint: gdb is told the history ends there, and the end has an instruction.
+    stop = gdb.run("-exec-continue", timeout=90)
+    assert stop.reason is None, (stop, server.log)
+    assert NO_HISTORY in stop.console, (stop, server.log)
+    text = gdb.console("monitor when").strip()
+    m = WHEN_FAST_END_KNOWN.match(text)
+    assert m, text
+    end, last, guest_s, exit_number = int(m[1]), int(m[2]), float(m[3]), int(m[4])
+    assert end == last and exit_number == race_fast.end, text
+    assert abs(guest_s - race_fast.guest_s) <= 1e-6, (text, race_fast.guest_s)
+    assert server.said(f"end of the recording at instruction {end}: the guest exited with status "
+                       f"{race_fast.status}"), server.log
+    assert gdb.integer("counter") == race_fast.counter
+    info = gdb.console("monitor info")
+    assert f"ends at instruction {end} (exit, status {race_fast.status})" in info, info
+    assert f"now at instruction {end} (exit #{race_fast.end})" in info, info
+
+    # Known from now on: back one instruction, past the end, and in the next gdb session.
+    stop = gdb.run("-exec-step-instruction --reverse")
+    assert stop.reason == "end-stepping-range", stop
+    assert gdb.when() == (end - 1, end)
+    text = gdb.console(f"monitor goto {end + 1}")
+    assert "outside the recording" in text and f"0..{end}" in text, text
+    assert gdb.when() == (end - 1, end)
+    gdb.close()
+    again = debug_fast.connect(server)
+    assert again.when() == (end - 1, end)
+    assert server.alive()
+
+
+# ---------------------------------------------------------------------------
 # 5.-7. raw clients: bad packets, a client that leaves while running, Ctrl-C
 
 
 @pytest.mark.timeout(60)
-def test_bad_packets_get_answers_and_the_server_keeps_serving(debug):
-    server, _ = debug(clients=2, connect=False)
+def test_bad_packets_get_answers_and_the_server_keeps_serving(debug_exact):
+    server, _ = debug_exact(clients=2, connect=False)
     raw = RawClient(server.port)
     try:
         # Frames correctly, cannot be understood: an error.
@@ -662,9 +823,9 @@ def test_bad_packets_get_answers_and_the_server_keeps_serving(debug):
         raw.close()
 
     assert server.alive()
-    gdb = debug.connect(server)
+    gdb = debug_exact.connect(server)
     position, last = gdb.when()
-    assert position == 0 and last > 200_000
+    assert position == 0 and last == debug_exact.rec.end
     assert gdb.integer("counter") == 0
     assert server.alive()
 
@@ -686,7 +847,7 @@ def test_client_that_disconnects_while_running(debug):
     assert server.alive()
     gdb = debug.connect(server)
     position, last = gdb.when()
-    assert position < last, "the continue should have ended when its client went away"
+    assert before_the_end(position, last), "the continue should have ended when its client went away"
     rip = gdb.console("info registers rip")
     m = re.match(r"rip\s+(0x[0-9a-f]+)", rip)
     assert m, rip
@@ -705,8 +866,8 @@ def test_interrupt_a_continue_from_gdb(debug):
     stop = gdb.stopped(timeout=20)
     assert stop.reason == "signal-received", stop
     assert stop.payload["signal-name"] == "SIGINT"
-    position, _ = gdb.when()
-    assert start < position < last
+    position, last = gdb.when()
+    assert start < position and before_the_end(position, last), (start, position, last)
     assert server.alive()
 
 
@@ -721,9 +882,8 @@ def test_interrupt_a_continue_raw(debug):
         assert raw.ack(20) == b"+"      # (the ack of the c: see test_a_continue_is_acked_at_once)
         reply = raw.frame(timeout=20)[1:-3]
         assert reply.startswith(b"T02"), reply
-        m = WHEN.search(raw.monitor("when"))
-        position, last = int(m.group(1)), int(m.group(2))
-        assert 0 < position < last
+        position, last = parse_when(raw.monitor("when"), debug.rec.fast)
+        assert 0 < position and before_the_end(position, last), (position, last)
     finally:
         raw.close()
     assert server.alive()
@@ -736,8 +896,8 @@ def test_interrupt_a_continue_raw(debug):
 
 
 @pytest.mark.timeout(60)
-def test_writes_are_refused(debug):
-    server, gdb = debug()
+def test_writes_are_refused(debug_exact):
+    server, gdb = debug_exact()
     gdb.break_insert("increment")
     gdb.run("-exec-continue")
     gdb.cmd("-break-delete")
@@ -766,8 +926,8 @@ def test_writes_are_refused(debug):
 
 
 @pytest.mark.timeout(30)
-def test_bad_checksum_gets_a_nak_at_once(debug):
-    server, _ = debug(clients=1, connect=False)
+def test_bad_checksum_gets_a_nak_at_once(debug_exact):
+    server, _ = debug_exact(clients=1, connect=False)
     raw = RawClient(server.port)
     try:
         _handshake(raw)
@@ -781,8 +941,8 @@ def test_bad_checksum_gets_a_nak_at_once(debug):
 
 
 @pytest.mark.timeout(30)
-def test_nak_from_the_client_gets_the_reply_again(debug):
-    server, _ = debug(clients=1, connect=False)
+def test_nak_from_the_client_gets_the_reply_again(debug_exact):
+    server, _ = debug_exact(clients=1, connect=False)
     raw = RawClient(server.port)
     try:
         _handshake(raw)
@@ -802,8 +962,8 @@ def test_nak_from_the_client_gets_the_reply_again(debug):
 
 
 @pytest.mark.timeout(30)
-def test_a_continue_is_acked_at_once(debug):
-    server, _ = debug(clients=1, connect=False)
+def test_a_continue_is_acked_at_once(debug_exact):
+    server, _ = debug_exact(clients=1, connect=False)
     raw = RawClient(server.port)
     try:
         _handshake(raw)
@@ -819,11 +979,11 @@ def test_a_continue_is_acked_at_once(debug):
 
 
 @pytest.mark.timeout(40)
-def test_gdb_in_ack_mode_continues_to_a_breakpoint_a_second_away(debug):
+def test_gdb_in_ack_mode_continues_to_a_breakpoint_a_second_away(debug_exact):
     """gdb without QStartNoAckMode resends a packet that is not acked within remotetimeout
     (2 s by default, 1 s here so that race's 1.6 s replay is long enough)."""
-    server, _ = debug(clients=1, connect=False)
-    gdb = debug.connect(server, settings=("remote noack-packet off", "remotetimeout 1"))
+    server, _ = debug_exact(clients=1, connect=False)
+    gdb = debug_exact.connect(server, settings=("remote noack-packet off", "remotetimeout 1"))
     bkpt = gdb.break_insert(f"race.c:{LINE_LOST}")
     stop = gdb.run("-exec-continue", timeout=20)
     assert stop.reason == "breakpoint-hit", stop
@@ -839,9 +999,9 @@ def test_gdb_in_ack_mode_continues_to_a_breakpoint_a_second_away(debug):
 
 
 @pytest.mark.timeout(60)
-def test_gdb_without_a_file_debugs_with_the_recorded_kernel(debug, race):
-    server, _ = debug(connect=False)
-    gdb = debug.connect(server, elf=None)
+def test_gdb_without_a_file_debugs_with_the_recorded_kernel(debug_exact, race_exact):
+    server, _ = debug_exact(connect=False)
+    gdb = debug_exact.connect(server, elf=None)
     assert gdb.frame()["func"] == "_start"
     gdb.break_insert("increment")
     stop = gdb.run("-exec-continue")
@@ -852,22 +1012,22 @@ def test_gdb_without_a_file_debugs_with_the_recorded_kernel(debug, race):
 
 
 @pytest.mark.timeout(60)
-def test_info_kernel_out_writes_the_recorded_kernel(race, tmp_path):
+def test_info_kernel_out_writes_the_recorded_kernel(race_exact, tmp_path):
     out = tmp_path / "kernel.elf"
-    r = rrstub("info", str(race.path), "--kernel-out", str(out))
+    r = rrstub("info", str(race_exact.path), "--kernel-out", str(out))
     assert r.returncode == 0, r.stderr
-    assert out.read_bytes() == race.elf.read_bytes()
+    assert out.read_bytes() == race_exact.elf.read_bytes()
     assert f"to {out}" in r.stderr.decode()
-    r = rrstub("info", str(race.path), "--kernel-out", str(tmp_path / "no" / "such" / "dir"))
+    r = rrstub("info", str(race_exact.path), "--kernel-out", str(tmp_path / "no" / "such" / "dir"))
     assert r.returncode == 2 and r.stderr.decode().count("\n") == 1, r.stderr
 
 
 @pytest.mark.timeout(60)
-def test_a_second_gdb_is_told_why_and_the_first_keeps_its_session(debug):
-    server, first = debug(clients=2)
+def test_a_second_gdb_is_told_why_and_the_first_keeps_its_session(debug_exact):
+    server, first = debug_exact(clients=2)
     first.goto(1000)
     with pytest.raises(GdbError) as refused:
-        debug.connect(server)
+        debug_exact.connect(server)
     assert "one gdb at a time" in str(refused.value), refused.value
     assert first.when()[0] == 1000
     assert "refusing gdb" in server.log
@@ -903,12 +1063,12 @@ def test_monitor_goto_makes_gdb_and_mi_show_the_new_place(debug):
 
 
 @pytest.mark.timeout(60)
-def test_marker_add_writes_a_label_and_never_into_a_replaced_file(race, kernels, tmp_path, debug):
+def test_marker_add_writes_a_label_and_never_into_a_replaced_file(race_exact, kernels, tmp_path, debug_exact):
     served = tmp_path / "served.rrr"
-    served.write_bytes(race.path.read_bytes())
+    served.write_bytes(race_exact.path.read_bytes())
     server = Server(served, 1, tmp_path)
     try:
-        gdb = Gdb(race.elf, server.port)
+        gdb = Gdb(race_exact.elf, server.port)
         try:
             gdb.goto(1000)
             for bad in ("m0", "start", "two words"):
@@ -937,25 +1097,25 @@ def test_marker_add_writes_a_label_and_never_into_a_replaced_file(race, kernels,
 @pytest.mark.parametrize("args, message", [
     (("--port", "-1"), "0..65535"), (("--port", "65536"), "0..65535"),
     (("--host", ""), "every interface")])
-def test_serve_refuses_bad_addresses_in_one_line(race, args, message):
-    r = rrstub("serve", str(race.path), *args)
+def test_serve_refuses_bad_addresses_in_one_line(race_exact, args, message):
+    r = rrstub("serve", str(race_exact.path), *args)
     err = r.stderr.decode()
     assert r.returncode == 2 and err.count("\n") == 1 and message in err, err
 
 
 @pytest.mark.timeout(60)
-def test_serve_on_every_interface_warns_and_ipv6_loopback_works(race, tmp_path):
+def test_serve_on_every_interface_warns_and_ipv6_loopback_works(race_exact, tmp_path):
     ready_any = re.compile(r"waiting for gdb on 0\.0\.0\.0:(\d+) \(in gdb: target remote 127\.0\.0\.1:(\d+) here")
-    server = Server(race.path, 1, tmp_path, ("--host", "0.0.0.0", "--clients", "1"), ready=ready_any)
+    server = Server(race_exact.path, 1, tmp_path, ("--host", "0.0.0.0", "--clients", "1"), ready=ready_any)
     try:
         assert "anyone who can reach this machine" in server.log and "target remote 0.0.0.0" not in server.log
     finally:
         server.stop()
     ready_v6 = re.compile(r"waiting for gdb on ::1:(\d+) \(in gdb: target remote \[::1\]:(\d+)\)")
-    server = Server(race.path, 1, tmp_path, ("--host", "::1"), ready=ready_v6)
+    server = Server(race_exact.path, 1, tmp_path, ("--host", "::1"), ready=ready_v6)
     try:
         assert "warning" not in server.log
-        gdb = Gdb(race.elf, server.port, host="[::1]")
+        gdb = Gdb(race_exact.elf, server.port, host="[::1]")
         try:
             assert gdb.when()[0] == 0
         finally:
@@ -965,9 +1125,9 @@ def test_serve_on_every_interface_warns_and_ipv6_loopback_works(race, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_the_hooks_warn_when_gdb_reads_another_kernel(debug, race, kernels):
-    server, _ = debug(clients=2, connect=False)
-    gdb = Gdb(race.elf, server.port, sources=(HOOKS,))
+def test_the_hooks_warn_when_gdb_reads_another_kernel(debug_exact, race_exact, kernels):
+    server, _ = debug_exact(clients=2, connect=False)
+    gdb = Gdb(race_exact.elf, server.port, sources=(HOOKS,))
     try:
         assert "Section .text" in gdb.connect_text and "MIS-MATCHED" not in gdb.connect_text, gdb.connect_text
     finally:

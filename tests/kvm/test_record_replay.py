@@ -13,6 +13,16 @@ A replay "in a fresh process" runs this file as a script: the real CLI
 (``rrstub.cli.main``) with the observing engines installed, writing what
 they saw to a JSON file (``observed_cli``).
 
+A fast recording is replayed freely by ``FastEngine``, its positions exit
+numbers, except where positions matter (--until, --from, --vassert,
+--go-live): there ``FastStepEngine`` replays the same log instruction by
+instruction, and positions are instruction counts in both modes.  The
+file does not hold a fast recording's markers and end in instructions, so
+tests that need them learn them from a stepping replay to the end
+(``instruction_positions``), which is itself checked against the recording.
+Each observed place therefore has two coordinates: ``position`` in the
+replay's unit, and ``logged`` in the log's (what the recording stores).
+
 Exact-mode workloads are small (``increments=``, ``work=`` on the kernel
 command line): that engine single-steps at about 130k instructions/s here.
 Fast-mode race is small too: replay finds each landmark by hardware
@@ -22,6 +32,7 @@ every marker stays cheap.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -42,7 +53,7 @@ from conftest import ROOT, marker_every, rrstub
 from elfgen import make_elf
 from test_examples import RACE_LINE
 from rrstub import cli, session
-from rrstub.engines import ExactEngine, FastEngine, regs_tuple
+from rrstub.engines import ExactEngine, FastEngine, FastStepEngine, regs_tuple
 from rrstub.markers import decode_marker
 from rrstub.recording import Recording
 from vmm import snapshot
@@ -63,14 +74,15 @@ END = -1   # Seen.marker of the state where the run ended
 class Seen:
     """The machine at a marker (or, with marker END, where a replay stopped)."""
     marker: int
-    position: int
+    position: int        # in the replay's unit: instructions, or exits for a free-running fast replay
+    logged: int          # the same place in the log's unit (the recording's markers are stored in it)
     regs: tuple[int, ...]
     sregs: str           # JSON of the Sregs fields
     memory: str          # vmm.snapshot.memory_digest of all guest RAM, hex
 
     @classmethod
-    def of(cls, marker: int, position: int, regs, sregs, memory) -> "Seen":
-        return cls(marker, position, regs_tuple(regs),
+    def of(cls, marker: int, position: int, logged: int, regs, sregs, memory) -> "Seen":
+        return cls(marker, position, logged, regs_tuple(regs),
                    json.dumps(dataclasses.asdict(sregs), sort_keys=True),
                    snapshot.memory_digest(memory).hex())
 
@@ -95,20 +107,28 @@ def _observing(base: type) -> type:
 
         def _look(self, marker: int) -> Seen:
             m = self.machine
-            return Seen.of(marker, self.position, m.vcpu.get_regs(), m.vcpu.get_sregs(), m.mem)
+            return Seen.of(marker, self.position, self.log_pos, m.vcpu.get_regs(), m.vcpu.get_sregs(), m.mem)
 
     Observing.__name__ = f"Observing{base.__name__}"
     return Observing
 
 
 OBSERVING = {"fast": _observing(FastEngine), "exact": _observing(ExactEngine)}
+OBSERVING_STEPS = _observing(FastStepEngine)    # what session replays a fast recording with, stepping
 OBSERVED: list = []
+
+
+@contextlib.contextmanager
+def observing():
+    """session's replays, free-running or stepping, by the observing engines."""
+    with mock.patch.dict(session.ENGINES, OBSERVING), mock.patch.object(session, "FastStepEngine", OBSERVING_STEPS):
+        yield
 
 
 def observed_cli(argv: list[str]) -> int:
     """This file run as a script: ``REPORT rrstub-args...``; what the engines saw goes to REPORT."""
     report, *args = argv
-    with mock.patch.dict(session.ENGINES, OBSERVING):
+    with observing():
         status = cli.main(args)
     Path(report).write_text(json.dumps([[dataclasses.astuple(s) for s in e.seen] for e in OBSERVED]))
     return status
@@ -116,8 +136,8 @@ def observed_cli(argv: list[str]) -> int:
 
 def _load_seen(report: Path) -> list[Seen]:
     (seen,) = json.loads(report.read_text())
-    return [Seen(marker, position, tuple(regs), sregs, memory)
-            for marker, position, regs, sregs, memory in seen]
+    return [Seen(marker, position, logged, tuple(regs), sregs, memory)
+            for marker, position, logged, regs, sregs, memory in seen]
 
 
 # ---------------------------------------------------------------------------
@@ -175,31 +195,44 @@ class FreshReplay:
 
 def replay_observed(rec: Path, **kw) -> tuple[session.ReplayResult, bytes, list[Seen]]:
     out = io.BytesIO()
-    with mock.patch.dict(session.ENGINES, OBSERVING):
+    with observing():
         result = session.replay(str(rec), serial_out=out, **kw)
     return result, out.getvalue(), result.engine.seen
 
 
 def recorded_markers(rec: Path) -> list[Seen]:
-    """Every marker as the recording stores it; RAM is the sum of the page sets so far."""
+    """Every marker as the recording stores it; RAM is the sum of the page sets so far.
+
+    Its position is the one stored (``logged``): an exit number in a fast recording.
+    """
     with Recording.open(rec) as r:
         ram = bytearray(r.config["mem_size"])
         found = []
         for chunk in r.markers:
             state = decode_marker(r.payload(chunk))
             snapshot.apply_pages(ram, state.pages)
-            found.append(Seen.of(state.index, state.position, state.vcpu.regs, state.vcpu.sregs, ram))
+            found.append(Seen.of(state.index, state.position, state.position, state.vcpu.regs,
+                                 state.vcpu.sregs, ram))
         return found
 
 
-def check_markers(seen: list[Seen], rec: Path, until: Optional[int] = None) -> None:
-    """A replay saw every marker after m0 (up to ``until``) as recorded, then ended."""
-    expected = [m for m in recorded_markers(rec)[1:] if until is None or m.position <= until]
+def check_markers(seen: list[Seen], rec: Path, until: Optional[int] = None,
+                  at: Optional[dict[int, int]] = None) -> None:
+    """A replay saw every marker after m0 (up to position ``until``) as recorded, then ended.
+
+    ``at``: marker index -> position in the replay's unit, where that is not
+    the recording's (a fast recording replayed instruction by instruction:
+    ``instruction_positions``); without it, the stored positions.
+    """
+    recorded = recorded_markers(rec)
+    where = at if at is not None else {m.marker: m.position for m in recorded}
+    expected = [m for m in recorded[1:] if until is None or where[m.marker] <= until]
     markers, end = seen[:-1], seen[-1]
     assert end.marker == END
     assert [m.marker for m in markers] == [m.marker for m in expected]
     for got, want in zip(markers, expected):
-        assert got.position == want.position, f"m{want.marker}"
+        assert got.logged == want.logged, f"m{want.marker}: reached at another place in the log"
+        assert got.position == where[want.marker], f"m{want.marker}"
         assert got.regs == want.regs, f"m{want.marker}: registers differ from the marker blob"
         assert got.sregs == want.sregs, f"m{want.marker}: system registers differ from the marker blob"
         assert got.memory == want.memory, f"m{want.marker}: RAM differs from the recorded pages"
@@ -211,8 +244,30 @@ def guest_seconds(rec: Path) -> float:
 
 
 def end_position(rec: Path) -> int:
+    """Where the recording ends, in the unit it stores (exits for a fast recording)."""
     with Recording.open(rec) as r:
         return r.summary["end_position"]
+
+
+def instruction_positions(rec: Path) -> tuple[int, dict[int, int]]:
+    """(end, {marker index: position}) in instructions, the unit --until takes in both modes.
+
+    An exact recording stores them.  A fast one stores exit numbers: they
+    come from a replay of the whole recording instruction by instruction
+    (``--from m0``), which must match the recording on the way (every
+    marker's registers, system registers and RAM, and the end).
+    """
+    with Recording.open(rec) as r:
+        mode, stored_end, serial = r.config["mode"], r.summary["end_position"], r.summary["serial_sha256"]
+    if mode == "exact":
+        return stored_end, {m.marker: m.position for m in recorded_markers(rec)}
+    result, _, seen = replay_observed(rec, start=0)
+    assert result.engine.unit == "instruction" and result.verified_end
+    assert result.serial_sha256 == serial      # --from skips that check: nothing was muted from 0
+    assert (seen[-1].marker, seen[-1].logged) == (END, stored_end)
+    check_markers(seen, rec, at={s.marker: s.position for s in seen[:-1]})
+    assert result.outcome.position == seen[-1].position > stored_end    # more instructions than exits
+    return result.outcome.position, {0: 0, **{s.marker: s.position for s in seen[:-1]}}
 
 
 # ---------------------------------------------------------------------------
@@ -348,14 +403,18 @@ def test_input_wakes_a_guest_halted_after_sti(kernels, tmp_path, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_replay_until_a_position_stops_there(race_recordings, tmp_path, mode):
+    """--until is an instruction count in both modes (a fast recording is then replayed stepping)."""
     rec, stdout, _ = race_recordings(mode)[0]
-    stop = end_position(rec) * 2 // 3
+    end, at = instruction_positions(rec)
+    stop = end * 2 // 3
     code, out, err, seen = FreshReplay(rec, tmp_path / "seen.json", "--until", str(stop)).wait()
     assert code == 0, err
-    assert re.search(rb"stopped at \w+ #?%d \(--until\)" % stop, err), err
-    assert stdout.startswith(out)
+    assert b"stopped at instruction %d (--until)" % stop in err, err
+    assert stdout.startswith(out) and out != stdout     # race prints its line at the end
     assert seen[-1].position == stop
-    check_markers(seen, rec, until=stop)
+    assert seen[-1].logged < end_position(rec)
+    check_markers(seen, rec, until=stop, at=at)
+    assert any(s.marker != END for s in seen), "no marker before the stop: make the recording's markers denser"
     result, _, again = replay_observed(rec, until=stop)
     assert (result.outcome.reason, result.outcome.position) == ("until", stop)
     assert again == seen
@@ -364,15 +423,17 @@ def test_replay_until_a_position_stops_there(race_recordings, tmp_path, mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_replay_until_a_marker_stops_at_it(race_recordings, tmp_path, mode):
     rec, stdout, _ = race_recordings(mode)[0]
+    _, at = instruction_positions(rec)
     m1 = recorded_markers(rec)[1]
     code, out, err, seen = FreshReplay(rec, tmp_path / "seen.json", "--until", "m1").wait()
     assert code == 0, err
-    assert re.search(rb"stopped at \w+ #?%d \(--until\)" % m1.position, err), err
+    assert b"stopped at instruction %d (--until)" % at[1] in err, err
     assert stdout.startswith(out)
-    check_markers(seen, rec, until=m1.position)
+    check_markers(seen, rec, until=at[1], at=at)
     assert [s.marker for s in seen] == [1, END]
     end = seen[-1]
-    assert (end.position, end.regs, end.memory) == (m1.position, m1.regs, m1.memory)
+    # (Not the system registers: an interrupt the marker's point delivers can be pending there.)
+    assert (end.position, end.logged, end.regs, end.memory) == (at[1], m1.logged, m1.regs, m1.memory)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -451,19 +512,51 @@ def test_a_triple_fault_replays_to_the_same_crash(tmp_path, mode):
 # -- positions outside the recording, and what `record -o` may replace ----------------------------
 
 def test_positions_outside_the_recording_are_refused_up_front(kernels, tmp_path):
-    """--until, --from and --go-live take the range `info --json` reports, and nothing past it."""
+    """--until, --from and --go-live take the range `info --json` reports, and nothing past it.
+
+    That range is in instructions only for an exact recording; a fast one's
+    `info` range is in exits, and positions are instructions (next test).
+    """
     rec = tmp_path / "hello.rrr"
-    assert rrstub("record", str(kernels / "hello.elf"), "-o", str(rec), "--mode", "fast", "-q").returncode == 0
+    assert rrstub("record", str(kernels / "hello.elf"), "-o", str(rec), "--mode", "exact", "-q").returncode == 0
     info = json.loads(rrstub("info", "--json", str(rec)).stdout)
     first, last = info["first_position"], info["last_position"]
     assert first == 0 < last
     for option in ("--until", "--from", "--go-live"):
         r = rrstub("replay", str(rec), option, str(last + 1))
         assert r.returncode == 2 and r.stdout == b"", r.stderr
-        assert r.stderr == (f"rrstub: {option} {last + 1}: the recording has exits {first}..{last}; "
+        assert r.stderr == (f"rrstub: {option} {last + 1}: the recording has instructions {first}..{last}; "
                             f"it ends before reaching {last + 1}\n").encode()
     r = rrstub("replay", str(rec), "--until", str(last))
     assert r.returncode == 0, r.stderr
+    assert f"rrstub: stopped at instruction {last} (--until)".encode() in r.stderr
+
+
+def test_a_fast_recordings_end_in_instructions_is_found_by_replaying(kernels, tmp_path):
+    """A fast recording stores its end as an exit number: --from and --go-live past its end in
+    instructions replay there, then say where it ends; up to the end, they work."""
+    rec = tmp_path / "hello.rrr"
+    r = rrstub("record", str(kernels / "hello.elf"), "-o", str(rec), "--mode", "fast", "-q")
+    assert r.returncode == 0, r.stderr
+    recorded = r.stdout
+    info = json.loads(rrstub("info", "--json", str(rec)).stdout)
+    exits = info["last_position"]
+    end, _ = instruction_positions(rec)
+    assert end > exits
+    r = rrstub("replay", str(rec), "--from", str(end + 1))
+    assert r.returncode == 2 and r.stdout == b"", r.stderr
+    assert r.stderr == f"rrstub: --from {end + 1}: the recording ends at instruction {end}\n".encode()
+    r = rrstub("replay", str(rec), "--go-live", str(end + 1))
+    assert r.returncode == 2, r.stderr
+    assert (f"rrstub: --go-live {end + 1}: the replay ended (exit) at instruction {end}, before reaching "
+            f"{end + 1}; {rec} ends at instruction {end}\n").encode() in r.stderr
+    r = rrstub("replay", str(rec), "--until", str(end))
+    assert r.returncode == 0 and r.stdout == recorded, r.stderr
+    assert f"stopped at instruction {end} (--until)".encode() in r.stderr
+    r = rrstub("replay", str(rec), "--from", str(end))
+    assert r.returncode == 0 and r.stdout == b"", r.stderr
+    assert f"replayed exit (status 0) at instruction {end}".encode() in r.stderr
+    assert b"matched the recording" in r.stderr
 
 
 def test_record_force_replaces_a_recording_and_nothing_else(kernels, tmp_path):

@@ -1,4 +1,8 @@
-"""`rrstub trace` on real exact recordings: every instruction once, as replay single-steps it."""
+"""`rrstub trace` on real recordings: every instruction once, as replay single-steps it.
+
+Mostly exact recordings; a fast one is traced too (``FastStepEngine`` replays
+its log instruction by instruction, so its positions are instruction counts).
+"""
 from __future__ import annotations
 
 import json
@@ -37,13 +41,19 @@ def race(kernels, tmp_path_factory):
     return path, info, lines
 
 
+FAST_INCREMENTS = 200
+FAST = ("--mode", "fast", "--mem", "4M", "--cmdline", f"increments={FAST_INCREMENTS}", "--timeout", "60")
+
+
 @pytest.fixture(scope="module")
 def fast_recording(kernels, tmp_path_factory):
+    """race, fast, a few markers: (path, serial output)."""
     path = tmp_path_factory.mktemp("trace-fast") / "race.rrr"
-    r = rrstub("record", str(kernels / "race.elf"), "-o", str(path), "--mode", "fast", "--mem", "4M",
-               "--cmdline", "increments=200", "--timeout", "60")
+    r = rrstub("record", str(kernels / "race.elf"), "-o", str(path), *FAST,
+               "--marker-every", marker_every(4, kernels / "race.elf", *FAST))
     assert r.returncode == 1, r.stderr
-    return path
+    assert len(json.loads(rrstub("info", str(path), "--json").stdout)["markers"]) >= 2, "no m1"
+    return path, r.stdout
 
 
 def machine_state(t: Timeline) -> dict:
@@ -93,10 +103,10 @@ def test_the_whole_recording_is_one_line_per_position(race, kernels):
         assert not stub <= int(lines[x["pos"] + 1]["rip"], 16) < stub + size
 
 
-def test_every_increment_loads_and_stores_counter_once(race, kernels):
-    _, _, lines = race
-    counter, _ = symbol("counter", kernels / "race.elf")
-    start, size = symbol("increment", kernels / "race.elf")
+def counter_accesses(lines, elf) -> tuple[int, int]:
+    """(loads, stores) of race's `counter` by increment() in a trace."""
+    counter, _ = symbol("counter", elf)
+    start, size = symbol("increment", elf)
     stores = loads = 0
     for rip, code, asm in executed(lines):
         m = re.search(r"\[rip ([+-]) (0x[0-9a-f]+)\]", asm)
@@ -109,7 +119,12 @@ def test_every_increment_loads_and_stores_counter_once(race, kernels):
             stores += 1
         elif asm.startswith("mov e"):
             loads += 1
-    assert stores == loads == WORKERS * INCREMENTS
+    return loads, stores
+
+
+def test_every_increment_loads_and_stores_counter_once(race, kernels):
+    _, _, lines = race
+    assert counter_accesses(lines, kernels / "race.elf") == (WORKERS * INCREMENTS, WORKERS * INCREMENTS)
 
 
 def test_steps_match_the_timeline_and_changes_rebuild_each_state(race):
@@ -209,11 +224,44 @@ def test_bad_positions_are_refused(race, args, message):
     assert err.startswith("rrstub: ") and message in err and err.count("\n") == 1, err
 
 
-def test_a_fast_recording_is_refused(fast_recording):
-    r = rrstub("trace", str(fast_recording))
-    assert r.returncode == 2
-    err = r.stderr.decode()
-    assert "--mode fast" in err and "--mode exact" in err and "exit numbers" in err, err
+def test_a_fast_recording_is_traced_by_instruction(fast_recording, kernels):
+    """Every instruction of the fast recording once, numbered from 0 to its end in instructions,
+    which a stepping replay (--from m0) reports as where the guest exited."""
+    path, _ = fast_recording
+    r = rrstub("trace", str(path), "--format", "jsonl")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    end = len(lines)
+    assert [x["pos"] for x in lines] == list(range(end))
+    assert (f"traced {end} instructions [0, {end}) in ".encode() in r.stderr
+            and b"the recording ends there (exit)" in r.stderr), r.stderr
+    assert all(x["bytes"] and x["asm"] for x in lines if "interrupt" not in x)
+    interrupts = [x for x in lines if "interrupt" in x]
+    assert len(interrupts) >= 5 and all(x["interrupt"] == 32 for x in interrupts)   # the PIT preempted
+    assert not [x for x in lines if "then" in x]
+    # The guest's work, instruction by instruction: each increment loads and stores once.
+    total = WORKERS * FAST_INCREMENTS
+    assert counter_accesses(lines, kernels / "race.elf") == (total, total)
+    r = rrstub("replay", str(path), "--from", "m0")
+    assert r.returncode == 1, r.stderr
+    assert f"replayed exit (status 1) at instruction {end}, ".encode() in r.stderr, r.stderr
+    assert b"matched the recording" in r.stderr
+
+
+def test_a_fast_recording_from_a_marker(fast_recording):
+    """--from m1: where `replay --until m1` stops, the rest of the whole trace."""
+    path, _ = fast_recording
+    r = rrstub("replay", str(path), "--until", "m1")
+    assert r.returncode == 0, r.stderr
+    m1 = int(re.search(rb"stopped at instruction (\d+) \(--until\)", r.stderr)[1])
+    r = rrstub("trace", str(path), "--format", "jsonl")
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert 0 < m1 < len(lines)
+    r = rrstub("trace", str(path), "--from", "m1", "--format", "jsonl")
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line) for line in r.stdout.splitlines()] == lines[m1:]
+    r = rrstub("trace", str(path), "--from", "m1", "--to", str(m1 + 20), "--format", "jsonl")
+    assert [json.loads(line) for line in r.stdout.splitlines()] == lines[m1:m1 + 20]
 
 
 def test_a_reader_that_goes_away_ends_it_quietly(race):

@@ -12,6 +12,10 @@ registers and memory as a plain replay at every I/O exit.
 Tiny hand-assembled guests (tests/elfgen.py) check the conditions a
 VASSERT must not have: I/O, hlt, an endless loop, an exception, a write
 outside the stack.
+
+Positions are instruction counts in both modes: a --vassert replay of a
+fast recording steps every instruction (``FastStepEngine``), while its
+plain replay runs freely and reports exit numbers.
 """
 from __future__ import annotations
 
@@ -118,6 +122,7 @@ def _check_lossy(rec: Path, lost: int, increments_total_at_least: int = 1) -> No
     assert "matched the recording" in err, err
 
     evals = _evaluations(report)
+    assert {e["unit"] for e in evals} == {"instruction"}      # in either mode
     counter, expected, printed_lost = map(int, RACE_LINE.fullmatch(serial).groups())
     assert printed_lost == lost
     assert len(evals) == expected            # one check per increment
@@ -144,7 +149,13 @@ def _check_lossy(rec: Path, lost: int, increments_total_at_least: int = 1) -> No
     assert plain.returncode == 1, plain.stderr
     assert b"matched the recording" in plain.stderr
     assert plain_serial == serial
-    assert END_LINE.search(plain.stderr.decode()).groups() == END_LINE.search(err).groups()
+    end = END_LINE.search(err).groups()
+    assert end[:2] == ("1", "instruction") and positions[-1] < int(end[2])
+    # A fast recording's plain replay runs freely and ends at an exit number; stepping from m0
+    # it ends at the instruction the VAssert replay reports.
+    stepped = plain if b"at instruction" in plain.stderr else _replay(rec, "--from", "m0")[0]
+    assert stepped.returncode == 1 and b"matched the recording" in stepped.stderr, stepped.stderr
+    assert END_LINE.search(stepped.stderr.decode()).groups() == end
 
 
 def _place(e: dict) -> str:
@@ -285,7 +296,8 @@ def test_what_a_condition_does_is_reported_and_undone(tmp_path, mode, case):
         assert report.ok and e is None
     else:
         assert not report.ok and e.result == result and reason in e.reason, e
-        assert e.position == (4 if mode == "exact" else 1)
+        # mov ebx; mov eax; mov dx; out: the fourth instruction, an instruction count in both modes
+        assert (e.position, e.unit) == (4, "instruction")
 
 
 @pytest.mark.parametrize("mode", ["exact", "fast"])
@@ -302,12 +314,10 @@ def test_stack_the_condition_writes_is_put_back(tmp_path, mode):
 def test_write_outside_the_stack_stops_the_replay(tmp_path, mode):
     write = b"\xc7\x04\x25\x00\x00\x20\x00\x01\x00\x00\x00"      # mov dword [0x200000], 1
     rec = _record_tiny(tmp_path, mode, vassert_guest(write + PASS))
-    if mode == "fast":
-        checker = VAssertChecker()
-        with pytest.raises(VAssertError, match=r"outside its stack \(physical page 0x200000\)"):
-            session.replay(rec, serial_out=io.BytesIO(), vassert=checker)
-        assert checker.report.stopped and not checker.report.ok
-        return
+    checker = VAssertChecker()
+    with pytest.raises(VAssertError, match=r"outside its stack \(physical page 0x200000\)"):
+        session.replay(rec, serial_out=io.BytesIO(), vassert=checker)
+    assert checker.report.stopped and not checker.report.ok
     r = rrstub("replay", rec, "--vassert")
     err = r.stderr.decode()
     assert r.returncode == 70, err
@@ -315,8 +325,9 @@ def test_write_outside_the_stack_stops_the_replay(tmp_path, mode):
             "outside its stack (physical page 0x200000), which rrstub cannot undo") in err
 
 
-def test_cli_exit_status_and_report_for_a_failed_check(tmp_path):
-    rec = _record_tiny(tmp_path, "exact", vassert_guest(FAIL))
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_cli_exit_status_and_report_for_a_failed_check(tmp_path, mode):
+    rec = _record_tiny(tmp_path, mode, vassert_guest(FAIL))
     r = rrstub("replay", rec, "--vassert")
     err = r.stderr.decode()
     assert r.returncode == EXIT_VASSERT_FAILED, err

@@ -155,13 +155,34 @@ def test_go_live_from_a_fast_recording(kernels, tmp_path):
     r = rrstub("record", str(kernels / "race.elf"), "-o", str(rec), *FAST_RACE, "--marker-every",
                marker_every(8, kernels / "race.elf", *FAST_RACE), timeout=120)
     assert r.returncode == 1, r.stderr
-    markers = info(rec)["markers"]
+    parent = info(rec)
+    markers = parent["markers"]
     assert len(markers) >= 2, markers       # live runs vary in length, but never by a factor of 8
     middle = len(markers) // 2
+    # The marker is stored at an exit number; replay counts the instructions up to it.
+    r = rrstub("replay", str(rec), "--until", f"m{middle}", timeout=120)
+    assert r.returncode == 0, r.stderr
+    at = int(re.search(rb"stopped at instruction (\d+) \(--until\)", r.stderr)[1])
+    assert at > markers[middle]["position"]     # instructions outnumber exits
     r = rrstub("replay", str(rec), "--go-live", f"m{middle}", "-o", str(branch), timeout=120)
     assert r.returncode == 1, r.stderr
-    assert info(branch)["parent"]["position"] == markers[middle]["position"]
-    replays(branch)
+    assert b"race: counter=" in r.stdout and f"live from instruction {at} (".encode() in r.stderr, r.stderr
+    child = info(branch)
+    assert child["parent"]["id"] == parent["id"]
+    assert (child["parent"]["position"], child["parent"]["unit"], child["parent"]["at"]) == (
+        at, "instruction", f"m{middle}")
+    assert child["markers"][0]["origin"] == "branch" and child["markers"][0]["full"]
+    assert f"at instruction {at} (--go-live m{middle})".encode() in rrstub("info", str(branch)).stdout
+    status, stdout, _ = replays(branch)
+    assert status == 1 and stdout == r.stdout       # the same live run, replayed on its own
+    # Between markers: an instruction count like any other.
+    between = at + 1000
+    r = rrstub("replay", str(rec), "--go-live", str(between), "-o", str(tmp_path / "fb2.rrr"), timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert f"live from instruction {between} (".encode() in r.stderr
+    child = info(tmp_path / "fb2.rrr")
+    assert (child["parent"]["position"], child["parent"]["unit"]) == (between, "instruction")
+    replays(tmp_path / "fb2.rrr")
 
 
 def test_guest_started_recording_replays(kernels, tmp_path):

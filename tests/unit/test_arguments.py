@@ -197,11 +197,27 @@ def test_positions_past_the_end_are_refused_with_the_range(tmp_path, option):
 
 def test_positions_before_a_cropped_start_are_refused(tmp_path):
     rec = tmp_path / "crop.rrr"
-    fake_recording(rec, first=300, last=900, markers=(300, 600), mode="fast")
+    fake_recording(rec, first=300, last=900, markers=(300, 600), mode="exact")
     r = rrstub("replay", str(rec), "--until", "100", env=no_kvm(tmp_path))
-    one_line_refusal(r, "--until 100: the recording has exits 300..900; it starts at 300")
+    one_line_refusal(r, "--until 100: the recording has instructions 300..900; it starts at 300")
     r = rrstub("info", "--json", str(rec))
     assert b'"first_position": 300' in r.stdout and b'"last_position": 900' in r.stdout
+
+
+def test_a_fast_recordings_positions_are_instruction_counts(tmp_path):
+    # Its markers are logged at exit numbers: a later one is found by the replay, by its index.
+    from rrstub.recording import Recording
+    from rrstub.session import RecordedMarker, resolve_position
+    rec_path = tmp_path / "fast.rrr"
+    fake_recording(rec_path, first=300, last=900, markers=(300, 600), mode="fast")
+    with Recording.open(rec_path) as rec:
+        assert resolve_position(rec, "100") == 100          # instructions from its first marker
+        assert resolve_position(rec, "m0") == 0
+        assert resolve_position(rec, "m1") == RecordedMarker(1)
+        with pytest.raises(ValueError, match="positions are instruction counts from 0"):
+            resolve_position(rec, "-1")
+        with pytest.raises(ValueError, match="has markers m0..m1"):
+            resolve_position(rec, "m2")
 
 
 def test_crop_names_the_range_of_markers(tmp_path):
