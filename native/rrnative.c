@@ -795,9 +795,10 @@ int rr_current_rip(int vcpu_fd, uint64_t *rip)
  * Run natively to exit_at (a loop's fall-through) with an execution
  * breakpoint, at most until deadline_ns (CLOCK_MONOTONIC): a loop that
  * waits for an interrupt never ends by itself.  Returns RR_RELOCATE_DONE
- * (at exit_at), RR_RELOCATE_TIMEOUT (still in the loop), RR_RELOCATE_EXIT
- * (a deterministic exit came first: *ex) or -errno; guest debugging is off
- * again when this returns.
+ * (at exit_at), RR_RELOCATE_TIMEOUT (still in the loop, or kicked),
+ * RR_RELOCATE_EXIT (a deterministic exit came first: *ex),
+ * RR_RELOCATE_FOREIGN (a debug exception of the guest's own: *ex) or
+ * -errno; guest debugging is off again when this returns.
  */
 int rr_relocate_to(int vcpu_fd, void *run_area, uint64_t exit_at, uint64_t deadline_ns, struct rr_exit *ex)
 {
@@ -815,6 +816,9 @@ int rr_relocate_to(int vcpu_fd, void *run_area, uint64_t exit_at, uint64_t deadl
         } else if (r == 0 && run->exit_reason != KVM_EXIT_DEBUG) {
             decode_exit(run, ex);
             result = RR_RELOCATE_EXIT;
+        } else if (r == 0 && run->debug.arch.pc != exit_at) {
+            decode_exit(run, ex);
+            result = RR_RELOCATE_FOREIGN;
         }
     }
     int off = set_debug(vcpu_fd, 0, 0, 0);

@@ -95,6 +95,7 @@ struct rr_step_ctl {
 #define RR_RELOCATE_DONE    0
 #define RR_RELOCATE_EXIT    1   /* a deterministic exit came first: see rr_exit */
 #define RR_RELOCATE_TIMEOUT 2   /* the loop did not end before the deadline */
+#define RR_RELOCATE_FOREIGN 3   /* a debug exception of the guest's own (TF, its DRs): see rr_exit */
 
 /* rr_run_to_regs results */
 #define RR_LANDMARK_MATCH 0

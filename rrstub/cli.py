@@ -388,8 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write the part of a recording between two of its markers as a new, smaller, "
                     "self-contained recording: it starts with a full snapshot of the machine at "
                     "--from (rebuilt from the markers before it) and ends at --to, where replay "
-                    "checks the machine against the original's marker. Positions keep the "
-                    "original's numbering. No KVM is needed.",
+                    "checks the machine against the original's marker. An exact recording's positions "
+                    "keep the original's numbering; a fast one's instruction positions count from "
+                    "the crop's start, and its labels are not copied. No KVM is needed.",
         epilog=CROP_EPILOG)
     crp.add_argument("recording", metavar="REC", help="the recording to crop (it is not changed)")
     crp.add_argument("--from", dest="start", required=True, metavar="MARKER",

@@ -26,9 +26,10 @@ from typing import BinaryIO, Callable, Optional
 
 from rrstub import __version__
 from rrstub import events as ev
-from rrstub.engines import (DEFAULT_MARKER_EVERY_NS, EVENT_POSITIONS, FLUSH_CHECK_EVERY, NOMINAL_PS_PER_INSTR,
+from rrstub.engines import (DEFAULT_MARKER_EVERY_NS, EVENT_POSITIONS, FLUSH_CHECK_EVERY, GUEST_ENDS,
+                            NOMINAL_PS_PER_INSTR,
                             Divergence, Engine, ExactEngine, FastEngine, FastStepEngine, LogSink, LogSource, Outcome,
-                            place)
+                            describe_entry, place)
 from rrstub.markers import MarkerError, decode_marker
 from rrstub.recording import ChunkKind, Recording, RecordingWriter
 from vmm import boot
@@ -788,6 +789,11 @@ def _start_at(engine: Engine, rec: Recording, source: LogSource, out: HashingStr
             set_until(engine, until)
         if outcome.reason != "until":
             raise ReplayError(f"--from {start}: the recording ends at {place(engine.unit, outcome.position)}")
+    if isinstance(until, int) and until < engine.position:
+        raise ReplayError(f"--until {until} is before --from {start} (instruction {engine.position})")
+    if isinstance(until, RecordedMarker) and until.index <= getattr(engine, "last_marker", 0):
+        raise ReplayError(f"--until {until} is not after --from {start} (instruction {engine.position}, "
+                          f"after marker m{engine.last_marker})")
 
 
 PACE_EVERY = 4096     # exact replay: look at the pace and the pause key this often (instructions)
@@ -993,6 +999,12 @@ def replay(path: str, *, until: Optional[int] = None, speed: Optional[float] = N
                     key_reader.close()
                 machine.serial_out.flush()
             end = source.end
+            if outcome.reason in GUEST_ENDS and end is None:
+                raise Divergence(outcome.position,
+                                 f"the guest's {outcome.reason} (status {outcome.status}) at "
+                                 f"{place(engine.unit, outcome.position)} is not where the recording ends "
+                                 f"(next recorded: {describe_entry(source.peek())})",
+                                 engine.last_match, engine.unit)
             verified = False
             if outcome.reason not in ("until", "incomplete", "interrupted") and end is not None:
                 if (outcome.reason, engine.log_pos) != (end.reason, end.pos) or (

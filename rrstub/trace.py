@@ -37,7 +37,7 @@ import sys
 import time
 from typing import Callable, NamedTuple, Optional, TextIO
 
-from rrstub.engines.base import NEVER
+from rrstub.engines import NEVER
 
 TEXT_EPILOG = """\
 output (--format text, the default): one line per position

@@ -18,9 +18,9 @@ before anything is injected.  There the checker
    the evaluation writes can be told apart;
 2. sets RAX = HC_VASSERT_CHECK and runs the guest freely (no single-step, no
    interrupt injected) until its ``HC_VASSERT_DONE`` exit, at most
-   ``EVAL_TIMEOUT_NS`` of host time.  The exact engine single-steps the
-   condition (``_step``), as the replay runs everything; the fast engine runs
-   it natively (``_run``).  Any other exit (port I/O, MMIO, hlt,
+   ``EVAL_TIMEOUT_NS`` of host time.  The condition is single-stepped
+   (``_step``), as the replay steps everything: a fast recording's --vassert
+   replay steps its log too (``FastStepEngine``).  Any other exit (port I/O, MMIO, hlt,
    another hypercall, a triple fault, ...) ends the evaluation as "not
    evaluated" with the reason; the exit is not given to the devices;
 3. finishes the pending exit without running guest code, reads which pages
@@ -48,7 +48,7 @@ from rrstub.engines import EngineError, ExactEngine, place
 from vmm import paging, x86special
 from vmm.devices.hypercall import (HC_VASSERT, HC_VASSERT_CHECK, HC_VASSERT_DONE, HYPERCALL_PORT,
                                    NAMES)
-from vmm.kvm import (Debug, FailEntry, Hlt, InternalError, Interrupted, IoIn, IoOut, IrqWindowOpen,
+from vmm.kvm import (Debug, FailEntry, Hlt, InternalError, IoIn, IoOut, IrqWindowOpen,
                      MmioRead, MmioWrite, Regs, Shutdown, SystemEvent, _check, host_monotonic_ns)
 from vmm.memory import PAGE_SIZE
 from vmm._native import ffi, lib
@@ -57,7 +57,6 @@ EXIT_VASSERT_FAILED = 67          # `rrstub replay --vassert`: an assertion fail
 EVAL_TIMEOUT_NS = 250_000_000     # host time one evaluation may take (exact engine: ~35k stepped instructions)
 STACK_BELOW = 16 << 10            # saved below RSP: the condition's own pushes and calls
 STACK_ABOVE = 8 << 10             # saved above RSP: spills into the frame of the code around the VASSERT
-MAX_SPURIOUS_KICKS = 1000
 NEVER_STEPS = (1 << 63) - 1
 SITE_FLAG_EQ = 1                  # RRSTUB_VASSERT_EQ: RSI/RDI of the DONE call are the compared values
 SHOW_FAILURES = 10                # the CLI lists this many failures one by one
@@ -248,7 +247,13 @@ class VAssertChecker:
 
     # -- wiring -------------------------------------------------------------------
     def install(self, engine) -> None:
-        """After ``engine.attach(machine)``: serve HC_VASSERT and evaluate after its exit."""
+        """After ``engine.attach(machine)``: serve HC_VASSERT and evaluate after its exit.
+
+        ``engine`` steps every instruction (``ExactEngine``, or ``FastStepEngine`` for a fast
+        recording), as the evaluation does.
+        """
+        if not isinstance(engine, ExactEngine):
+            raise EngineError("VAssert evaluation needs a replay that steps every instruction")
         self.engine = engine
         self.machine = engine.machine
         self.machine.hypercalls.handlers[HC_VASSERT] = self._on_vassert
@@ -272,13 +277,12 @@ class VAssertChecker:
     def evaluate(self, site_addr: int) -> Evaluation:
         engine, m = self.engine, self.machine
         vcpu = m.vcpu
-        exact = isinstance(engine, ExactEngine)
-        # What the engine reads next from the last exit (fast engine: the I/O
-        # exit itself, before settling it below).
+        # What the engine reads next from the last exit (a fast log's stepper: the
+        # flags of the I/O exit itself, as its recorder saw them).
         exit_flags = (vcpu.if_flag, vcpu.ready_for_injection)
         exit_bytes = bytes(ffi.buffer(vcpu._exit))
         kvm_flags = (vcpu._exit.if_flag, vcpu._exit.ready_for_injection)
-        engine.settle()                  # fast engine: finish the `out` without running guest code
+        engine.settle()                  # finish a pending exit without running guest code
         tracker = engine.markers.tracker
         tracker.collect()                # what the guest wrote so far stays in the tracker's set
         state = vcpu.get_state()
@@ -289,7 +293,7 @@ class VAssertChecker:
         position, guest_ns = engine.position, engine.guest_now()
 
         vcpu.set_regs(dataclasses.replace(state.regs, rax=HC_VASSERT_CHECK))
-        result, reason, values = self._step(site) if exact else self._run(site)
+        result, reason, values = self._step(site)
 
         # Finish a pending exit (an IN would write RAX later), then undo everything.
         _check(lib.rr_settle(vcpu.fd, vcpu._run, vcpu._exit), "KVM_RUN (settle after a VAssert)")
@@ -302,7 +306,7 @@ class VAssertChecker:
             m.restore_devices(devices)
         # Refresh kvm_run's interrupt flags (the exact engine's C loop reads them) for the restored state.
         _check(lib.rr_settle(vcpu.fd, vcpu._run, vcpu._exit), "KVM_RUN (settle after a VAssert)")
-        if exact and (vcpu._exit.if_flag, vcpu._exit.ready_for_injection) != kvm_flags:
+        if (vcpu._exit.if_flag, vcpu._exit.ready_for_injection) != kvm_flags:
             self.flag_mismatches += 1
         ffi.memmove(vcpu._exit, exit_bytes, len(exit_bytes))
         vcpu.if_flag, vcpu.ready_for_injection = exit_flags
@@ -345,7 +349,7 @@ class VAssertChecker:
         return "not-evaluated", f"{why} at rip {self.machine.vcpu.get_regs().rip:#x}", None
 
     def _step(self, site: Site) -> tuple[str, str, Optional[tuple[int, int]]]:
-        """Exact engine: single-step the condition, as the replay steps everything.
+        """Single-step the condition, as the replay steps everything.
 
         The guest-debug setup stays as the engine has it (switching single-step
         off and on again would change how KVM carries RFLAGS.TF, and with it
@@ -384,21 +388,6 @@ class VAssertChecker:
             if reason == lib.RR_STEP_NOFETCH:
                 return self._not_evaluated("its paging mode cannot be stepped")
             return self._not_evaluated(f"single-stepping stopped (reason {reason})")
-
-    def _run(self, site: Site) -> tuple[str, str, Optional[tuple[int, int]]]:
-        """Fast engine: run the guest freely until its HC_VASSERT_DONE: (result, reason, values)."""
-        vcpu = self.machine.vcpu
-        deadline = host_monotonic_ns() + self.timeout_ns
-        kicks = 0
-        while True:
-            exit = vcpu.run(deadline)
-            if isinstance(exit, Interrupted):
-                kicks += 1
-                if host_monotonic_ns() >= deadline or kicks > MAX_SPURIOUS_KICKS:
-                    return self._timed_out()
-                continue
-            done = self._done(exit, site)
-            return done if done is not None else self._not_evaluated(describe_exit(exit))
 
     # -- guest memory ---------------------------------------------------------------
     def _save_stack(self, rsp: int, sregs) -> dict[int, bytes]:

@@ -241,9 +241,9 @@ class DirtyTracker:
         """Start the second interval here (``collect()`` first, or earlier writes join it)."""
         self.marked = 0
 
-    def marked_digest(self, mem: Memory) -> int:
-        """``digest`` of the pages written since ``mark()`` (as of the last ``collect()``)."""
-        return pages_digest(mem, _set_bits(self.marked))
+    def marked_digest(self, mem: Memory, extra: Iterable[int] = ()) -> int:
+        """``digest`` of the pages written since ``mark()`` (as of the last ``collect()``) and ``extra``."""
+        return pages_digest(mem, sorted(set(_set_bits(self.marked)).union(extra)))
 
     def take_new(self) -> list[int]:
         """Pages written since KVM's log was last read, ascending; clears KVM's log WITHOUT

@@ -1,9 +1,10 @@
 """The record and replay engines: drive a Machine so that a run can be repeated exactly.
 
-Two engines, one contract.  The guest's future is a function of (initial
-marker, event log); every value from outside (clock, serial input, random
-numbers) enters at an engine *point*, and each point that delivers anything
-is logged as one ``events.Point``.  Recording and replaying run the same
+Two engines record (exact, fast) and three replay (those two, and the fast
+log stepped instruction by instruction), under one contract.  The guest's
+future is a function of (initial marker, event log); every value from
+outside (clock, serial input, random numbers) enters at an engine *point*,
+and each point that delivers anything is logged as one ``events.Point``.  Recording and replaying run the same
 code; only ``LogSink`` (recording: asks the host, writes the log) and
 ``LogSource`` (replay: reads the log) differ.
 
@@ -28,7 +29,8 @@ from rrstub.engines.base import (CHECK_INTERVAL_NS, DEFAULT_MARKER_EVERY_NS, EVE
                                  FLUSH_CHECK_EVERY, FLUSH_INTERVAL_NS, GUEST_ENDS, IDLE_FLUSH_INTERVAL_NS,
                                  LANDMARK_BUDGET_FACTOR, LANDMARK_BUDGET_MIN_NS, NEVER, NOMINAL_PS_PER_INSTR,
                                  RETRY_NS, RFLAGS_IF, SYNC_CHECK_EVERY, SYNC_INTERVAL_NS, Divergence, Engine,
-                                 EngineError, Outcome, describe_exit_code, exit_code, place, regs_digest,
+                                 EngineError, Outcome, describe_entry, describe_exit_code, exit_code, place,
+                                 regs_digest,
                                  regs_tuple)
 from rrstub.engines.exact import ExactEngine
 from rrstub.engines.fast import FastEngine
@@ -40,7 +42,7 @@ __all__ = [
     "FLUSH_INTERVAL_NS", "GUEST_ENDS", "IDLE_FLUSH_INTERVAL_NS", "LANDMARK_BUDGET_FACTOR",
     "LANDMARK_BUDGET_MIN_NS", "NEVER", "NOMINAL_PS_PER_INSTR", "RETRY_NS", "RFLAGS_IF", "SYNC_CHECK_EVERY",
     "SYNC_INTERVAL_NS",
-    "Divergence", "Engine", "EngineError", "Outcome", "describe_exit_code", "exit_code", "place",
+    "Divergence", "Engine", "EngineError", "Outcome", "describe_entry", "describe_exit_code", "exit_code", "place",
     "regs_digest", "regs_tuple",
     "ExactEngine", "FastEngine", "FastStepEngine", "LogSink", "LogSource",
 ]

@@ -375,6 +375,9 @@ class Engine:
             self.after_point(landmark is not None)
             return True
         p = recorded if recorded is not None else self.source.point_at(self.log_pos)
+        if p is not None and p.landmark is not None and recorded is None:
+            self._diverged(f"replay made a deterministic point at {place(self.log_unit, self.log_pos)}, where "
+                           f"the recording has a landmark (rip {p.landmark[REG_NAMES.index('rip')]:#x})")
         if p is None:
             if not deterministic:
                 return False
@@ -442,7 +445,7 @@ class Engine:
         e = self.source.peek()
         if not isinstance(e, ev.Check) or e.pos != self.log_pos:
             self._diverged(f"replay made a {describe_exit_code(code)} the recording does not have "
-                           f"here (next recorded: {_describe_entry(e)})")
+                           f"here (next recorded: {describe_entry(e)})")
         self.source.pop()
         if e.what != code:
             self._diverged(f"replay made a {describe_exit_code(code)}, the recording a "
@@ -510,7 +513,8 @@ class Engine:
                     end = self.source.end
                     if end is not None and end.reason == "hung" and end.pos == self.log_pos:
                         raise m.halted_for_good()   # as the recorder found: nothing wakes it
-                    self._diverged(f"the guest halted, and the recording has no wake-up at this {self.unit}")
+                    self._diverged(f"the guest halted, and the recording has no wake-up at "
+                                   f"{place(self.log_unit, self.log_pos)}")
                 self.point(False, recorded=p)
 
     def before_idle(self) -> None:
@@ -546,7 +550,7 @@ def _format_regs(regs: Regs) -> str:
     return "  " + " ".join(f"{n}={getattr(regs, n):#x}" for n in REG_NAMES)
 
 
-def _describe_entry(e) -> str:
+def describe_entry(e) -> str:
     if e is None:
         return "nothing: the log ends"
     if isinstance(e, ev.Check):

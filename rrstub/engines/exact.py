@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 from rrstub import events as ev
 from rrstub.engines.base import (EVENT_POSITIONS, NEVER, NOMINAL_PS_PER_INSTR, RFLAGS_IF, SYNC_CHECK_EVERY,
-                                 SYNC_INTERVAL_NS, Engine, EngineError, Outcome, _describe_entry, regs_digest)
+                                 SYNC_INTERVAL_NS, Engine, EngineError, Outcome, describe_entry, regs_digest)
 from rrstub.markers import MarkerState
 from vmm import x86special
 from vmm.clock import IcountClock
@@ -343,18 +343,27 @@ class ExactEngine(Engine):
             self._step_one()
             self._load_paging()
             return
-        regs = vcpu.get_regs()
         if sp.kind == K.HLT:
-            regs.rip = (regs.rip + sp.length) & 0xFFFFFFFFFFFFFFFF
-            self._advance(regs)
-            self._end_interrupt_shadow(regs)
-            self.halt()
+            self._emulate_hlt(sp)
             return
+        regs = vcpu.get_regs()
         ctx = x86special.EmulationContext(tsc=self.clock.now_ns(), random64=self._random)
         if not x86special.emulate(sp, regs, ctx):
             self._step_one()
             return
         self._advance(regs)
+
+    def _emulate_hlt(self, sp) -> None:
+        """hlt: the engine performs it (``halt``: points until an interrupt is due)."""
+        regs = self.machine.vcpu.get_regs()
+        regs.rip = (regs.rip + sp.length) & 0xFFFFFFFFFFFFFFFF
+        self._advance(regs)
+        self._end_interrupt_shadow(regs)
+        self._halting()
+        self.halt()
+
+    def _halting(self) -> None:
+        """Between a hlt and its wake-ups: what the log counts there (nothing, in an exact log)."""
 
     def _end_interrupt_shadow(self, regs: Regs) -> None:
         """After an emulated hlt: the `sti` shadow it stood in is over, as after a real one.
@@ -376,7 +385,7 @@ class ExactEngine(Engine):
         e = self.source.peek()
         if not isinstance(e, ev.Random) or e.pos != self.ctl.icount:
             self._diverged(f"the guest asked for a random number the recording does not have "
-                           f"(next recorded: {_describe_entry(e)})")
+                           f"(next recorded: {describe_entry(e)})")
         return self.source.pop().value
 
     def before_idle(self) -> None:

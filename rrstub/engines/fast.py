@@ -28,7 +28,7 @@ from typing import Callable, Optional
 from rrstub import events as ev
 from rrstub.engines.base import (LANDMARK_BUDGET_FACTOR, LANDMARK_BUDGET_MIN_NS, NEVER, RELOCATE_NS, RELOCATE_TRIES,
                                  RETRY_NS, Engine,
-                                 EngineError, Outcome, _describe_entry, describe_exit_code, exit_code, place,
+                                 EngineError, Outcome, describe_entry, describe_exit_code, exit_code, place,
                                  regs_tuple)
 from vmm import paging
 from vmm.clock import SampledClock
@@ -46,9 +46,7 @@ LEAVES = frozenset(("call", "ret", "retf", "iret", "iretd", "iretq", "hlt", "int
 
 @dataclass
 class Loop:
-    top: int            # the backward branch's target
-    branch: int         # the conditional branch that closes the loop
-    exit: int           # where control falls through when the loop ends
+    exit: int           # where control falls through when the loop ends (after its backward branch)
     timeouts: int = 0   # runs in a row that outlasted RELOCATE_NS (a host hiccup, or a wait)
 
     @property
@@ -89,12 +87,89 @@ class TightLoops:
                 except ValueError:
                     return None         # an indirect jump
                 if mnemonic != "jmp" and target <= rip and rip - target <= 4096:
-                    return Loop(target, address, address + size)
+                    return Loop(address + size)
                 return None
         return None
 
 
-class FastEngine(Engine):
+class FastLog:
+    """What replaying a fast log needs, whether the guest runs freely (``FastEngine``) or is
+    stepped (``faststep.FastStepEngine``): clock values from the log at exits, landmarks as
+    registers plus the hash of the pages written since the last recorded marker
+    (``DirtyTracker.marked``), and the report of a landmark that cannot be found."""
+
+    def settle(self) -> None:
+        vcpu = self.machine.vcpu
+        _check(lib.rr_settle(vcpu.fd, vcpu._run, vcpu._exit), "KVM_RUN (settle)")
+
+    def _sample(self) -> int:
+        """A device read the clock while handling an exit."""
+        if self.sink is not None:
+            ns = self.host_virtual_ns()
+            self.sink.emit(ev.ClockRead(self.position, ns))
+            return ns
+        e = self.source.peek()
+        if not isinstance(e, ev.ClockRead) or e.pos != self.log_pos:
+            self._diverged(f"the guest read the clock, and the recording has no clock value here "
+                           f"(next recorded: {describe_entry(e)})")
+        return self.source.pop().time_ns
+
+    def guest_now(self) -> int:
+        return self.clock.peek_ns()
+
+    def set_time(self, ns: int, ps: Optional[int]) -> None:
+        self.clock.set(ns)
+
+    def run_due(self) -> None:
+        if self.clock.fresh:
+            self.clock.run_due()
+
+    def _verify_marker(self, point: ev.Point) -> None:
+        super()._verify_marker(point)
+        tracker = self.markers.tracker
+        tracker.collect()
+        tracker.mark()              # a landmark's page hash covers what was written since here
+
+    def _wanted(self, p: ev.Point):
+        """``p``'s landmark registers as the struct kvm_regs the C searches compare."""
+        want = self._want
+        for name, value in zip(REG_NAMES, p.landmark):
+            setattr(want, name, value)
+        return want
+
+    def _pages_match(self, p: ev.Point) -> bool:
+        tracker = self.markers.tracker
+        tracker.collect()
+        return tracker.marked_digest(self.machine.mem) == p.landmark_digest
+
+    def _recorded_ns(self, p: ev.Point) -> int:
+        """The guest time the recorder took from here to landmark ``p``."""
+        return max(0, p.time_ns - self.clock.peek_ns()) if p.time_ns is not None else 0
+
+    def _landmark_budget(self, p: ev.Point) -> int:
+        """Host time a landmark search may take: ``LANDMARK_BUDGET_*`` of the guest time it took to record."""
+        return max(LANDMARK_BUDGET_MIN_NS, LANDMARK_BUDGET_FACTOR * self._recorded_ns(p))
+
+    def _landmark_lost(self, p: ev.Point, budget_ns: int, hits: int) -> None:
+        """The landmark search ran out of its budget: report what differs, as a divergence."""
+        self._diverged(self._landmark_lost_words(p, budget_ns, hits))
+
+    def _landmark_lost_words(self, p: ev.Point, budget_ns: int, hits: int) -> str:
+        rip = p.landmark[REG_NAMES.index("rip")]
+        if hits:
+            differs = [f"{n} recorded {want:#x}, replay {getattr(self._last_hit, n):#x}"
+                       for n, want in zip(REG_NAMES, p.landmark) if getattr(self._last_hit, n) != want]
+            seen = (f"the guest reached rip {rip:#x} {hits} times, never with the recorded registers "
+                    f"(at the last: {'; '.join(differs[:8]) or 'all equal, but not the pages written'})")
+        else:
+            seen = f"the guest never reached rip {rip:#x}"
+        return (f"replay did not find the landmark at {place(self.log_unit, p.pos)} within {budget_ns / 1e9:.1f} s: "
+                f"{seen}. The guest's state depends on something fast mode cannot replay on this host: "
+                "at guest CPL0, rdtsc, rdtscp, rdrand, rdseed and cpuid run on the host CPU. "
+                "Record such a guest with --mode exact, which emulates them")
+
+
+class FastEngine(FastLog, Engine):
     mode = "fast"
     unit = "exit"
 
@@ -109,14 +184,9 @@ class FastEngine(Engine):
         self._retry_at = 0
         self._want = ffi.new("struct kvm_regs *")
         # Recording: moving landmarks out of tight loops (``_relocate``).
-        self.relocate = True
         self.relocated = 0
         self._loops = TightLoops()
         self._rip = ffi.new("uint64_t *")
-
-    def settle(self) -> None:
-        vcpu = self.machine.vcpu
-        _check(lib.rr_settle(vcpu.fd, vcpu._run, vcpu._exit), "KVM_RUN (settle)")
 
     def engine_state(self) -> dict:
         return {"position": self.position, "clock_ns": self.clock.peek_ns(),
@@ -128,33 +198,11 @@ class FastEngine(Engine):
         self.next_check_ns = s["next_check_ns"]
 
     # -- time -----------------------------------------------------------------------
-    def _sample(self) -> int:
-        """A device read the clock while handling an exit."""
-        if self.sink is not None:
-            ns = self.host_virtual_ns()
-            self.sink.emit(ev.ClockRead(self.position, ns))
-            return ns
-        e = self.source.peek()
-        if not isinstance(e, ev.ClockRead) or e.pos != self.log_pos:
-            self._diverged(f"the guest read the clock, and the recording has no clock value here "
-                           f"(next recorded: {_describe_entry(e)})")
-        return self.source.pop().time_ns
-
     def sample_time(self) -> tuple[int, None]:
         return self.host_virtual_ns(), None
 
-    def guest_now(self) -> int:
-        return self.clock.peek_ns()
-
     def time_wanted(self) -> bool:
         return not self.clock.fresh and self._time_due()
-
-    def set_time(self, ns: int, ps: Optional[int]) -> None:
-        self.clock.set(ns)
-
-    def run_due(self) -> None:
-        if self.clock.fresh:
-            self.clock.run_due()
 
     def after_point(self, landmark: bool) -> None:
         """Inject where it is deterministic: KVM delivers at the very next entry.
@@ -253,7 +301,7 @@ class FastEngine(Engine):
                or m.input_waiting())
         if not due:
             return None
-        if self.relocate and not m.vcpu.event_in_flight():
+        if not m.vcpu.event_in_flight():
             exit = self._relocate()
             if exit is not None:
                 return exit
@@ -277,12 +325,17 @@ class FastEngine(Engine):
         loop = self._loops.around(self._rip[0], self._read_code)
         if loop is None or loop.outlasts:
             return None
-        r = lib.rr_relocate_to(vcpu.fd, vcpu._run, loop.exit, host_monotonic_ns() + RELOCATE_NS, vcpu._exit)
+        deadline = host_monotonic_ns() + RELOCATE_NS
+        r = lib.rr_relocate_to(vcpu.fd, vcpu._run, loop.exit, deadline, vcpu._exit)
         _check(r, "KVM_RUN (moving a landmark out of a loop)")
         if r == lib.RR_RELOCATE_EXIT:
             return vcpu.last_exit()
+        if r == lib.RR_RELOCATE_FOREIGN:
+            raise EngineError(f"the guest raised a debug exception of its own at {vcpu._exit.debug_pc:#x} "
+                              "(TF or its debug registers): rrstub cannot record a guest that debugs itself")
         if r == lib.RR_RELOCATE_TIMEOUT:
-            loop.timeouts += 1
+            if host_monotonic_ns() >= deadline:     # not a kick from the host (input, a marker, Ctrl-C)
+                loop.timeouts += 1
         else:
             loop.timeouts = 0
             self.relocated += 1
@@ -333,11 +386,8 @@ class FastEngine(Engine):
         The budget grows with the guest time the recorder spent getting
         there (``LANDMARK_BUDGET_*``), so a correct replay never meets it.
         """
-        m = self.machine
-        vcpu = m.vcpu
-        want = self._want
-        for name, value in zip(REG_NAMES, p.landmark):
-            setattr(want, name, value)
+        vcpu = self.machine.vcpu
+        want = self._wanted(p)
         budget_ns = self._landmark_budget(p)
         give_up = host_monotonic_ns() + budget_ns
         hits_before = self.breakpoint_hits[0]
@@ -348,8 +398,7 @@ class FastEngine(Engine):
             _check(r, "KVM_RUN (landmark search)")
             if r == lib.RR_LANDMARK_MATCH:
                 self._sync_vcpu_flags()
-                self.markers.tracker.collect()
-                if self.markers.tracker.digest(m.mem) == p.landmark_digest:
+                if self._pages_match(p):
                     break
                 step_over = 1
             elif r == lib.RR_LANDMARK_KICK:
@@ -365,24 +414,3 @@ class FastEngine(Engine):
         self.landmarks += 1
         self.last_match = p.pos
         self.point(False, recorded=self.source.pop())
-
-    def _landmark_budget(self, p: ev.Point) -> int:
-        """Host time a landmark search may take: ``LANDMARK_BUDGET_*`` of the guest time it took to record."""
-        recorded_ns = max(0, p.time_ns - self.clock.peek_ns()) if p.time_ns is not None else 0
-        return max(LANDMARK_BUDGET_MIN_NS, LANDMARK_BUDGET_FACTOR * recorded_ns)
-
-    def _landmark_lost(self, p: ev.Point, budget_ns: int, hits: int) -> None:
-        """The landmark search ran out of its budget: report what differs, as a divergence."""
-        rip = p.landmark[REG_NAMES.index("rip")]
-        if hits:
-            differs = [f"{n} recorded {want:#x}, replay {getattr(self._last_hit, n):#x}"
-                       for n, want in zip(REG_NAMES, p.landmark) if getattr(self._last_hit, n) != want]
-            seen = (f"the guest reached rip {rip:#x} {hits} times, never with the recorded registers "
-                    f"(at the last: {'; '.join(differs[:8]) or 'all equal, but not the pages written'})")
-        else:
-            seen = f"the guest never reached rip {rip:#x}"
-        self._diverged(
-            f"replay did not find the landmark at {place(self.log_unit, p.pos)} within {budget_ns / 1e9:.1f} s: "
-            f"{seen}. The guest's state depends on something fast mode cannot replay on this host: "
-            "at guest CPL0, rdtsc, rdtscp, rdrand, rdseed and cpuid run on the host CPU. "
-            "Record such a guest with --mode exact, which emulates them")

@@ -26,10 +26,14 @@ registers before the I/O instruction completes, and rdtsc, cpuid, rdmsr
 and rdrand run on the host CPU, as they did when the recording was made.
 
 Why stepping and not (exit, steps) positions refined on demand: measured
-on race and ticks, stepping costs 5-10x the free-running replay, and a
-position that names an exit plus a step count is only comparable with
-another once both are refined, which is the same stepping, later.  The
-debugger and trace step anyway; plain ``rrstub replay`` of a fast
+on race (benchmarks/debug_bench.py), stepping costs about 9 us per
+instruction here against about 2.2 us for the free-running replay (4x),
+and a position that names an exit plus a step count is only comparable
+with another once both are refined, which is the same stepping, later:
+every reverse step, `monitor when`, watchpoint and checkpoint needs it.
+A first `continue` through a fast recording therefore runs at the
+stepping rate; later ones through code replay has seen skip ahead by the
+timeline's visited summaries.  Plain ``rrstub replay`` of a fast
 recording still runs freely (``FastEngine``), and a recording's markers
 and end are counted in instructions when a stepping replay passes them.
 """
@@ -38,33 +42,25 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from rrstub import events as ev
-from rrstub.engines.base import NEVER, EngineError, Outcome
+from rrstub.engines.base import NEVER, EngineError, Outcome, describe_entry, describe_exit_code, exit_code, place
 from rrstub.engines.exact import ExactEngine
-from rrstub.engines.fast import FastEngine
+from rrstub.engines.fast import FastEngine, FastLog
 from rrstub.markers import MarkerState
 from vmm import x86special
 from vmm.clock import SampledClock
-from vmm.kvm import Debug, IoIn, IoOut, REG_NAMES, host_monotonic_ns
+from vmm.kvm import Debug, IoIn, IoOut, REG_NAMES, _check, host_monotonic_ns
 from vmm.machine import GuestTimeout
 from vmm._native import ffi, lib
 
 RIP = REG_NAMES.index("rip")
 
 
-class FastStepEngine(ExactEngine):
+class FastStepEngine(FastLog, ExactEngine):
     """Replays a fast recording's log, one instruction per position."""
     mode = "fast"
     unit = "instruction"
     log_unit = "exit"
     inject_anywhere = False         # only at logged points, as the recorder did
-
-    # Time is the fast engine's: values from the log, read at exits.
-    _sample = FastEngine._sample
-    guest_now = FastEngine.guest_now
-    set_time = FastEngine.set_time
-    run_due = FastEngine.run_due
-    _landmark_budget = FastEngine._landmark_budget
-    _landmark_lost = FastEngine._landmark_lost
 
     def __init__(self, *args, **kw):
         kw.pop("ps_per_instr", None)
@@ -75,6 +71,7 @@ class FastStepEngine(ExactEngine):
         self.landings = True        # a landmark can be at a handler's first instruction
         self.exits = 0              # the log's position: deterministic exits and landmarks
         self.landmarks = 0
+        self.last_marker = 0        # the last recorded marker whose point replay delivered
         self.until_marker: Optional[int] = None   # stop right after the point of this recorded marker
         self.on_recorded_marker: Optional[Callable[[int, int], None]] = None   # (index, instruction)
         self._want = ffi.new("struct kvm_regs *")
@@ -90,14 +87,19 @@ class FastStepEngine(ExactEngine):
         return self.exits
 
     def settle(self) -> None:
-        FastEngine.settle(self)
+        # The interrupt flags of the last exit are the ones its point injects by (``_exit``).
+        ex = self.machine.vcpu._exit
+        flags = ex.if_flag, ex.ready_for_injection
+        super().settle()
+        ex.if_flag, ex.ready_for_injection = flags
 
     # -- state ------------------------------------------------------------------------
     def engine_state(self) -> dict:
         tracker = self.markers.tracker
         tracker.collect()
         return {"position": self.exits, "clock_ns": self.clock.peek_ns(), "guest_ns": self.clock.peek_ns(),
-                "next_check_ns": self.next_check_ns, "icount": self.ctl.icount, "marked": tracker.marked}
+                "next_check_ns": self.next_check_ns, "icount": self.ctl.icount, "marked": tracker.marked,
+                "last_marker": self.last_marker}
 
     def load_engine_state(self, s: dict) -> None:
         """A recorded marker (``FastEngine.engine_state``) or one of ours; a recorded one starts at 0 instructions."""
@@ -106,7 +108,8 @@ class FastStepEngine(ExactEngine):
         self.exits = s["position"]
         self.ctl.icount = s.get("icount", 0)
         self.markers.tracker.marked = s.get("marked", 0)
-        self._armed = None
+        self.last_marker = s.get("last_marker", 0)
+        self._disarm()
 
     def restore(self, state: MarkerState, chain: Optional[list[bytes]] = None) -> None:
         self.markers.restore(state, chain)
@@ -116,9 +119,7 @@ class FastStepEngine(ExactEngine):
 
     def _verify_marker(self, point: ev.Point) -> None:
         super()._verify_marker(point)
-        tracker = self.markers.tracker
-        tracker.collect()
-        tracker.mark()
+        self.last_marker = point.marker
         if self.on_recorded_marker is not None:
             self.on_recorded_marker(point.marker, self.ctl.icount)
         if point.marker == self.until_marker:
@@ -133,7 +134,7 @@ class FastStepEngine(ExactEngine):
         return NEVER                # points come at exits and landmarks, not at instruction counts
 
     def run(self) -> Outcome:
-        self._armed = None          # a search's budget counts from here (not while a debugger waited)
+        self._disarm()              # a search's budget counts from here (not while a debugger waited)
         return super().run()
 
     def _stop_here(self) -> Optional[Outcome]:
@@ -143,47 +144,114 @@ class FastStepEngine(ExactEngine):
         if self.until is not None and c.icount >= self.until:
             return Outcome("until", 0, c.icount, self.guest_now())
         nxt = self.source.peek()
+        if nxt is not None and not isinstance(nxt, ev.End) and nxt.pos <= self.exits:
+            if isinstance(nxt, ev.Point) and nxt.landmark is None and nxt.pos == self.exits:
+                # Restored where a recorded marker was taken in a halt: its other wake-ups come first.
+                self.halt()
+                return self._stop_here()
+            self._diverged(f"replay went past the recording's {describe_entry(nxt)} "
+                           f"(replay is at {place(self.log_unit, self.exits)})")
         if isinstance(nxt, ev.Point) and nxt.landmark is not None and nxt.pos == self.exits + 1:
             if self._armed is not nxt:
                 self._arm(nxt)
-        elif self._armed is not None:
-            self._armed = None
-            c.landmark = ffi.NULL
+        else:
+            self._disarm()
         return None
 
     def _arm(self, p: ev.Point) -> None:
-        c, want = self.ctl, self._want
-        for name, value in zip(REG_NAMES, p.landmark):
-            setattr(want, name, value)
-        c.landmark = want
+        c = self.ctl
+        c.landmark = self._wanted(p)
         c.landmark_la = (self.cs_base + p.landmark[RIP]) & 0xFFFFFFFFFFFFFFFF
         self._armed = p
         self._budget = self._landmark_budget(p)
         self._give_up = host_monotonic_ns() + self._budget
         self._hits_before = c.landmark_hits
 
+    def _disarm(self) -> None:
+        self._armed = None
+        self.ctl.landmark = ffi.NULL
+
     def _host_deadline(self) -> int:
         return self._give_up if self._armed is not None else 0
 
     def _deadline(self) -> None:
-        if self._armed is not None and host_monotonic_ns() >= self._give_up:
-            self._landmark_lost(self._armed, self._budget, self.ctl.landmark_hits - self._hits_before)
-        raise GuestTimeout("timeout")
+        """The landmark search's host-time budget passed: is the replay lost, or only slow?
 
-    def _at_landmark(self) -> None:
-        c, m, p = self.ctl, self.machine, self._armed
+        Stepping runs far slower than the recorder did (a thousand times on a
+        host that runs kernel code natively), so time alone proves nothing.
+        The free-running search (``FastEngine._reach``) answers within its own
+        budget, run on from a copy of the state that is put back afterwards:
+        if it finds the landmark, stepping goes on; if not, the replay is lost.
+        """
+        p = self._armed
+        if p is None:
+            raise GuestTimeout("timeout")
+        lost = self._search_freely(p)
+        if lost is not None:
+            self._diverged(lost)
+        self._give_up = host_monotonic_ns() + self._budget
+
+    def _search_freely(self, p: ev.Point) -> Optional[str]:
+        """Run freely from here to landmark ``p`` and come back: None if found, else what went wrong."""
+        m = self.machine
+        vcpu = m.vcpu
         tracker = self.markers.tracker
         tracker.collect()
-        if tracker.marked_digest(m.mem) != p.landmark_digest:
+        saved = vcpu.get_state(), bytes(m.mem.view), bytes(ffi.buffer(vcpu._exit))
+        flags = vcpu.if_flag, vcpu.ready_for_injection
+        budget_ns = self._landmark_budget(p)
+        give_up = host_monotonic_ns() + budget_ns
+        hits = ffi.new("uint64_t *")
+        step_over, found = 0, None
+        written: set[int] = set()       # pages the search wrote: KVM's log is read, not kept
+        try:
+            while found is None:
+                r = lib.rr_run_to_regs(vcpu.fd, vcpu._run, self._wanted(p), step_over, give_up, hits,
+                                       self._last_hit, vcpu._exit)
+                _check(r, "KVM_RUN (landmark search)")
+                if r == lib.RR_LANDMARK_MATCH:
+                    written.update(tracker.take_new())
+                    if tracker.marked_digest(m.mem, written) == p.landmark_digest:
+                        found = ""
+                    step_over = 1
+                elif r == lib.RR_LANDMARK_KICK:
+                    if host_monotonic_ns() >= give_up:
+                        found = self._landmark_lost_words(p, budget_ns, hits[0])
+                    step_over = 0
+                else:
+                    exit = vcpu.last_exit()
+                    found = (f"the guest reaches a {describe_exit_code(exit_code(exit))} before the recorded "
+                             f"landmark at {place(self.log_unit, p.pos)} (rip {p.landmark[RIP]:#x})")
+        finally:
+            state, memory, exit_bytes = saved
+            m.mem.view[:] = memory
+            tracker.take_new()          # what the search wrote is gone again
+            vcpu.set_state(state)
+            _check(lib.rr_settle(vcpu.fd, vcpu._run, vcpu._exit), "KVM_RUN (settle after a landmark search)")
+            ffi.memmove(vcpu._exit, exit_bytes, len(exit_bytes))
+            vcpu.if_flag, vcpu.ready_for_injection = flags
+            self.enable_stepping()
+            c = self.ctl
+            c.landmark = self._wanted(p)
+        return found or None
+
+    def _at_landmark(self) -> None:
+        c, p = self.ctl, self._armed
+        if not self._pages_match(p):
             c.flags |= lib.RR_STEP_SKIP_LANDMARK      # the registers recur; the memory is not yet there
             return
         self.source.pop()
-        self._armed = None
-        c.landmark = ffi.NULL
+        self._disarm()
         self.exits = p.pos
         self.landmarks += 1
         self.last_match = c.icount
         self.point(False, recorded=p)
+
+    def _before_landmark(self, what: str) -> None:
+        """An exit or hlt came where the recording has its landmark next: a divergence."""
+        if self._armed is not None:
+            self._diverged(f"replay reached a {what} before the recorded landmark at "
+                           f"{place(self.log_unit, self._armed.pos)} (rip {self._armed.landmark[RIP]:#x})")
 
     # -- what the step loop hands over ---------------------------------------------------
     def _special(self) -> None:
@@ -201,16 +269,15 @@ class FastStepEngine(ExactEngine):
             # while recording); hlt comes after its handler returns.
             c.flags |= lib.RR_STEP_NO_CHECK_ONCE
         elif sp.kind == K.HLT:
-            # The recorder saw a hlt exit: one log position, then the wake-ups logged there.
-            regs = self.machine.vcpu.get_regs()
-            regs.rip = (regs.rip + sp.length) & 0xFFFFFFFFFFFFFFFF
-            self._advance(regs)
-            self._end_interrupt_shadow(regs)
-            self.exits += 1
-            self.machine.exits += 1
-            self.halt()
+            self._before_landmark("hlt")
+            self._emulate_hlt(sp)
         else:
             self._step_one()        # rdtsc, cpuid, rdmsr, rdrand...: on the host CPU, as recorded
+
+    def _halting(self) -> None:
+        # The recorder saw a hlt exit: one log position, then the wake-ups logged there.
+        self.exits += 1
+        self.machine.exits += 1
 
     def _exit(self) -> None:
         m = self.machine
@@ -221,6 +288,7 @@ class FastStepEngine(ExactEngine):
         m.recent_exits.append(exit)
         if isinstance(exit, Debug):
             raise EngineError(f"unexpected debug exit at {exit.pc:#x} while single-stepping")
+        self._before_landmark(describe_exit_code(exit_code(exit)))
         self.exits += 1
         self.handle_exit(exit)
         if m._stop is not None:

@@ -70,7 +70,8 @@ POINT_KINDS = {0: "break", 1: "break", 2: "write", 3: "read", 4: "access"}
 MONITOR_HELP = """\
 rrstub monitor commands (type them after `monitor`):
   when                  the current position in the recording
-  markers               the recording's markers and the ones named in this session
+  markers               the recording's markers (a fast recording's: those replay has passed)
+                        and the ones named in this session
   marker add NAME       name the current position, to come back to it with goto
   goto MARKER|POSITION  move to a marker (m0, m1, ... or a name) or an instruction number;
                         gdb rereads the state by itself with examples/gdb/rrstub-hooks.gdb

@@ -46,7 +46,8 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterable, Optional
 
 from rrstub import events as ev
-from rrstub.engines import Divergence, ExactEngine, FastStepEngine, LogSource, NEVER, Outcome, GUEST_ENDS
+from rrstub.engines import (GUEST_ENDS, NEVER, Divergence, ExactEngine, FastStepEngine, LogSource, Outcome,
+                            place)
 from rrstub.markers import MarkerError, decode_marker
 from rrstub.recording import Recording
 from rrstub.session import EXIT_TERMINATED
@@ -364,7 +365,8 @@ class Timeline:
             self.pages.add(position, pages)
             self._add(Checkpoint(position, state.vcpu, state.devices, state.engine, cursor,
                                  tuple(p for p, _ in pages), False,
-                                 marker_point=state.index > 0 or info.meta.get("resume") == "after_point",
+                                 marker_point=state.index > 0 or info.meta.get("resume") in ("after_point",
+                                                                                              "after_landmark"),
                                  recorded=state.index))
 
     def _recorded_marker(self, index: int, position: int) -> None:
@@ -533,6 +535,15 @@ class Timeline:
             e.boundary_at = c.icount + 1
         try:
             out = e.run()
+            if out.reason in GUEST_ENDS:
+                end = self.guest_end
+                if end is None or (out.reason, out.status, e.log_pos) != (end.reason, end.status, end.pos):
+                    recorded = (f"the recording ends with {end.reason} (status {end.status}) at "
+                                f"{place(e.log_unit, end.pos)}" if end is not None else
+                                "the recording does not end there")
+                    raise TimelineError(f"the replay no longer follows the recording: the guest ended with "
+                                        f"{out.reason} (status {out.status}) at instruction {c.icount} "
+                                        f"({place(e.log_unit, e.log_pos)}); {recorded}")
             if out.reason not in ("until", "break", "watch"):
                 self.last = c.icount     # the end: known from the start for exact recordings
             return out

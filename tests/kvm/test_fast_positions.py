@@ -46,7 +46,7 @@ MEM = "4M"
 # second here, and tracing is slower still.
 WORK = {
     "race": ("--cmdline", "increments=300"),    # 3 workers preempted by the PIT: ~40k instructions
-    "ticks": ("--cmdline", "work=10000"),       # timer interrupts during pure computation
+    "ticks": ("--cmdline", "work=4000"),        # timer interrupts during pure computation
 }
 MARKERS = 4     # about this many markers per recording
 

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import recording_info, rrstub
 from rrstub import session
+from rrstub.replay.timeline import Timeline
 
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(300)]
 
@@ -38,7 +39,7 @@ def test_an_interrupt_injected_before_a_hlt_is_taken_before_it():
 def test_landmarks_moved_out_of_loops_are_found_by_both_replays(kernels, tmp_path):
     path = tmp_path / "race.rrr"
     r = rrstub("record", str(kernels / "race.elf"), "-o", str(path), "--mode", "fast", "--mem", "4M",
-               timeout=120)
+               "--cmdline", "increments=3000", timeout=120)
     assert r.returncode == 1, r.stderr
     end = recording_info(path)["end"]
     # race spends most of its time in increment()'s spin loop: most kicks land there.
@@ -67,3 +68,82 @@ def test_a_position_past_a_fast_recordings_end_is_refused_once_the_end_is_known(
     assert f"the recording ends at instruction {end}, before reaching {end + 1000}".encode() in r.stderr
     r = rrstub("replay", str(path), "--until", str(end))
     assert r.returncode == 0 and f"stopped at instruction {end} (--until)".encode() in r.stderr, r.stderr
+
+
+def test_a_replay_that_leaves_the_log_says_so(kernels, tmp_path):
+    # ticks with tsc=1 mixes host TSC values into its state at CPL0: no replay of a fast
+    # recording of it can follow, and stepping must report that, not run on in a made-up history.
+    path = tmp_path / "tsc.rrr"
+    r = rrstub("record", str(kernels / "ticks.elf"), "-o", str(path), "--mode", "fast",
+               "--cmdline", "tsc=1 work=20000", timeout=120)
+    assert r.returncode == 0, r.stderr
+    for args in (("replay", str(path), "--until", "1000000000"), ("trace", str(path), "-q")):
+        r = rrstub(*args, timeout=240)
+        assert r.returncode == 66, (args, r.stderr)
+        assert b"diverged" in r.stderr or b"no longer follows" in r.stderr, r.stderr
+
+
+def test_a_crop_that_starts_at_a_landmark_replays_as_the_original(kernels, tmp_path):
+    # A fast recording's marker taken at a landmark resumes after the landmark's point: its
+    # interrupt is injected there, in the crop as in the original.
+    path = tmp_path / "race.rrr"
+    r = rrstub("record", str(kernels / "race.elf"), "-o", str(path), "--mode", "fast", "--mem", "4M",
+               "--cmdline", "increments=3000", "--marker-every", "0.01", timeout=120)
+    assert r.returncode == 1, r.stderr
+    markers = recording_info(path)["markers"]
+    assert len(markers) >= 6, markers
+    at_landmarks = 0
+    with Timeline(str(path), serial_out=io.BytesIO()) as original:
+        original.cont()                         # learns every marker's instruction
+        for k in range(1, min(len(markers) - 1, 8)):
+            crop = tmp_path / f"crop{k}.rrr"
+            r = rrstub("crop", str(path), "--from", f"m{k}", "--to", f"m{k + 1}", "-o", str(crop),
+                       "--no-verify")
+            assert r.returncode == 0, r.stderr
+            with Timeline(str(crop), serial_out=io.BytesIO()) as cropped:
+                at_landmarks += cropped.rec.markers[0].meta.get("resume") == "after_landmark"
+                original.goto(original.recorded_at[k])
+                for i in range(40):
+                    assert cropped.registers() == original.registers(), f"crop from m{k}, instruction {i}"
+                    cropped.step()
+                    original.step()
+    assert at_landmarks, "no crop started at a landmark: nothing was tested"
+
+
+def test_a_marker_taken_in_a_halt_restores_into_the_halt(kernels, tmp_path):
+    # echo idles in hlt waiting for input; markers asked for then (SIGUSR1) are taken at wake-ups
+    # of the halted guest.  Restoring such a marker must go on with the wake-ups logged there.
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    path = tmp_path / "echo.rrr"
+    proc = subprocess.Popen([sys.executable, "-m", "rrstub", "record", str(kernels / "echo.elf"), "-o", str(path),
+                             "--mode", "fast", "-q", "--serial-in", "-", "--timeout", "30"], cwd=ROOT,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGUSR1)
+    time.sleep(0.5)
+    proc.stdin.write(b"hello\n")
+    proc.stdin.flush()
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGUSR1)
+    time.sleep(0.5)
+    proc.stdin.write(b"quit\n")
+    proc.stdin.flush()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and out == b"HELLO\nbye\n", err
+    assert len(recording_info(path)["markers"]) >= 3
+    with Timeline(str(path), serial_out=io.BytesIO()) as straight, \
+            Timeline(str(path), serial_out=io.BytesIO()) as restored:
+        straight.summaries = restored.summaries = False
+        end = restored.cont()                   # to the end: the markers become checkpoints
+        assert end.kind == "end" and len(restored.recorded_at) >= 3
+        for index, position in sorted(restored.recorded_at.items()):
+            for t in (restored, straight):
+                t.goto(position)
+                t.step()
+            assert restored.registers() == straight.registers(), f"m{index} at instruction {position}"
+            again = restored.cont()
+            assert (again.kind, again.position) == (end.kind, end.position), f"from m{index}"

@@ -16,7 +16,7 @@ from rrstub.replay.timeline import Timeline
 
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(300)]
 
-WORK = ("--mem", "4M", "--cmdline", "increments=1000", "--timeout", "60")
+WORK = ("--mem", "4M", "--cmdline", "increments=600", "--timeout", "60")
 
 
 @pytest.fixture(scope="module", params=["exact", "fast"])
@@ -53,7 +53,7 @@ def test_summaries_give_the_stops_of_a_full_replay(race):
         assert seen == stops(slow, moves)
         hit = seen[0][2]
         assert seen[0][:2] == ("r", "break") and seen[1][1] == "end" and seen[3][1] == "begin", seen
-        assert end - hit > 20 * 4096        # the skips spanned many intervals
+        assert end - hit > 10 * 4096        # the skips spanned many intervals
         for t in (fast, slow):
             t.remove_breakpoint(once)
             t.add_breakpoint(often)
