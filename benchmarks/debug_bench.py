@@ -221,6 +221,15 @@ class ModeRun:
     instructions: int = 0
     hit: int = 0
 
+    def sample_reverse_steps(self, t: Timeline) -> None:
+        """Figure 2 once: reverse-stepi from the middle of t, in a row and spread."""
+        lat, distance = reverse_steps(t, t.last // 2, REVERSE_STEPS)
+        self.step_lat += lat
+        self.step_from.append(distance)
+        lat, distances = reverse_steps_spread(t, t.last // 2, REVERSE_STEPS)
+        self.spread_lat += lat
+        self.spread_distances += distances
+
 
 def fmt(value: Optional[float], unit: str) -> str:
     if value is None:
@@ -278,12 +287,7 @@ def main() -> int:
                 cont_rate.append(seconds / t.last * 1e6)
                 fast.instructions = t.last
                 # 2: reverse-stepi from the middle (the continue left checkpoints on the way)
-                lat, distance = reverse_steps(t, t.last // 2, REVERSE_STEPS)
-                fast.step_lat += lat
-                fast.step_from.append(distance)
-                lat, distances = reverse_steps_spread(t, t.last // 2, REVERSE_STEPS)
-                fast.spread_lat += lat
-                fast.spread_distances += distances
+                fast.sample_reverse_steps(t)
         fast.step_us = med(cont_rate)
         floor_us = med(floors)
 
@@ -320,12 +324,7 @@ def main() -> int:
                 exact.reverse_cont_replayed = reverse_continues(t, exact.hit, args.rounds, warnings, "exact",
                                                                 False)
             for _ in range(args.rounds):
-                lat, distance = reverse_steps(t, t.last // 2, REVERSE_STEPS)
-                exact.step_lat += lat
-                exact.step_from.append(distance)
-                lat, distances = reverse_steps_spread(t, t.last // 2, REVERSE_STEPS)
-                exact.spread_lat += lat
-                exact.spread_distances += distances
+                exact.sample_reverse_steps(t)
 
         # 5: serve until gdb's first answer, both modes, alternating
         print("rrstub serve + gdb...", file=sys.stderr, flush=True)
