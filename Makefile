@@ -5,11 +5,11 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: all setup kernels demo test bench doctor clean
+.PHONY: all setup kernels linux demo test bench doctor clean
 
 all: setup
 
-setup: $(STAMP) kernels
+setup: $(STAMP) kernels linux
 
 $(STAMP): pyproject.toml setup.py native/build.py native/rrnative.c native/rrnative.h
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml setup.py native/build.py native/rrnative.c native/rrnat
 
 kernels:
 	$(MAKE) --no-print-directory -C examples
+
+# Debian's cloud kernel and busybox-static (apt-get as root), and the example initramfs.
+linux:
+	bash examples/linux/setup.sh
 
 demo: setup
 	bash examples/demo.sh

@@ -230,6 +230,41 @@ examples:
 """
 
 
+def _add_boot_options(p: argparse.ArgumentParser) -> None:
+    """The options of every command that boots a kernel (run, record)."""
+    p.add_argument("--initrd", metavar="FILE",
+                   help="Linux: an initramfs (cpio, compressed or not) handed to the kernel as its "
+                        "ramdisk; a recording stores it with the kernel")
+    p.add_argument("--boot", choices=("auto", "pvh", "bzimage"), default="auto",
+                   help="Linux: how to enter a bzImage. auto/pvh: decompress its vmlinux on the host "
+                        "and enter it through PVH (fast where kernel code is emulated); bzimage: its "
+                        "own 64-bit entry and decompressor (default auto)")
+    p.add_argument("--no-platform-cmdline", action="store_true",
+                   help="Linux: pass --cmdline alone, without the options rrstub's platform needs "
+                        "(console=ttyS0 nolapic noapic ...; they are printed at boot)")
+    p.add_argument("--clock-rate", type=_bounded("a rate", 0.01, 1000.0), default=1.0, metavar="FACTOR",
+                   help="the guest's clock runs FACTOR times as fast as the host's (exact mode: as the "
+                        "nominal instruction rate). A slow emulated guest spends less of its time in "
+                        "timer interrupts with 10 (default 1)")
+
+
+def _open_boot(args: argparse.Namespace):
+    """The kernel to boot, the full command line and guest RAM from the boot options (BootError if bad)."""
+    from vmm.boot.kernel import linux_cmdline, open_kernel_file
+    kernel = open_kernel_file(args.kernel, args.initrd, args.boot)
+    cmdline = args.cmdline
+    if kernel.linux:
+        cmdline = linux_cmdline(args.cmdline, not args.no_platform_cmdline)
+    mem = args.mem if args.mem is not None else (LINUX_DEFAULT_MEM if kernel.linux else 64 << 20)
+    if kernel.linux and not args.quiet:
+        _err(f"booting {kernel.name}: {kernel.how}")
+        _err(f"command line: {cmdline}")
+    return kernel, cmdline, mem
+
+
+LINUX_DEFAULT_MEM = 512 << 20
+
+
 class _Parser(argparse.ArgumentParser):
     """Argument errors in one line, like every other rrstub error (the usage is in --help)."""
 
@@ -255,9 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "port (COM1) on this terminal. The guest stops the machine by writing its "
                     "exit status to port 0xf4 (see examples/include/rrstub_machine.h).",
         epilog=RUN_EPILOG)
-    run.add_argument("kernel", metavar="KERNEL", help="ELF64 x86-64 kernel image, e.g. examples/build/hello.elf")
-    run.add_argument("--mem", type=_guest_mem, default="64M", metavar="SIZE",
-                     help="guest RAM, e.g. 64M or 1G (default 64M)")
+    run.add_argument("kernel", metavar="KERNEL",
+                     help="the kernel: an rrstub ELF64 kernel (e.g. examples/build/hello.elf), a Linux "
+                          "vmlinux with a PVH note, or a Linux bzImage (/boot/vmlinuz-*)")
+    run.add_argument("--mem", type=_guest_mem, default=None, metavar="SIZE",
+                     help="guest RAM, e.g. 64M or 1G (default 64M; 512M for Linux)")
     run.add_argument("--serial-in", metavar="PATH|-",
                      help="bytes for the guest's UART to receive: a file, a named pipe, or - for "
                           "standard input (default: none)")
@@ -278,13 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --allow-guest-record: the recording engine (default auto)")
     run.add_argument("-q", "--quiet", action="store_true",
                      help="no summary line on stderr when the guest stops")
+    _add_boot_options(run)
 
     rec = sub.add_parser(
         "record", help="boot a kernel and record its run", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run a kernel like `rrstub run` and record everything that reaches it, into one "
                     "self-contained file that `rrstub replay` reproduces exactly, on this or another machine.",
         epilog=RECORD_EPILOG)
-    rec.add_argument("kernel", metavar="KERNEL", help="ELF64 x86-64 kernel image")
+    rec.add_argument("kernel", metavar="KERNEL",
+                     help="the kernel (an rrstub ELF64 kernel, a Linux vmlinux or bzImage, as for `run`)")
     rec.add_argument("-o", "--output", required=True, metavar="REC",
                      help="the recording file to write: a new file (an existing one only if it is a "
                           "recording and --force is given)")
@@ -294,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--marker-every", type=_marker_every, default=1.0, metavar="SECONDS",
                      help="take a marker every SECONDS of guest time (default 1)")
     rec.add_argument("--no-markers", action="store_true", help="only the initial marker")
-    rec.add_argument("--mem", type=_guest_mem, default="64M", metavar="SIZE", help="guest RAM (default 64M)")
+    rec.add_argument("--mem", type=_guest_mem, default=None, metavar="SIZE",
+                     help="guest RAM (default 64M; 512M for Linux)")
     rec.add_argument("--serial-in", metavar="PATH|-", help="bytes for the guest's UART, as for `run`")
     rec.add_argument("--serial-out", metavar="PATH", help="write the guest's UART output to this file")
     rec.add_argument("--timeout", type=_seconds, metavar="SECONDS",
@@ -307,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep only about the last SECONDS of guest time (at least that, at most "
                           "1.5x), by restarting the recording at a later marker")
     rec.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
+    _add_boot_options(rec)
 
     rep = sub.add_parser(
         "replay", help="replay a recording", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -442,12 +483,19 @@ def _recorder_mode(args: argparse.Namespace):
     from vmm import boot
 
     try:
-        boot.load_kernel_file(args.kernel)
+        args.boot_plan = _open_boot(args)
     except boot.BootError as e:
         _err(str(e))
         return EXIT_USAGE
     facts = host_facts()
     mode, why = (args.mode, "asked for on the command line") if args.mode != "auto" else choose_mode(facts)
+    if args.mode == "auto" and args.boot_plan[0].linux and facts.singlestep_cpl0:
+        mode, why = "exact", ("Linux reads the TSC at CPL0, which no KVM can trap: only the exact "
+                              "engine, which emulates rdtsc before it runs, replays it")
+    if args.clock_rate != 1.0 and mode != "exact":
+        _err("--clock-rate is offered for live runs and exact recordings; a fast recording takes "
+             "its clock from the host")
+        return EXIT_USAGE
     if mode == "exact" and not facts.singlestep_cpl0:
         _err("--mode exact needs single-stepping at guest CPL0, which this host's KVM does not do "
              "(see `rrstub doctor`); use --mode fast")
@@ -478,10 +526,11 @@ def _cmd_run_guest_record(args: argparse.Namespace) -> int:
         _err(f"cannot open {e.filename}: {e.strerror}")
         return EXIT_USAGE
     try:
+        kernel, cmdline, mem = args.boot_plan
         outcome, summary = run_guest_controlled(
-            args.kernel, args.output, mode, mem_size=args.mem, cmdline=args.cmdline,
+            kernel, args.output, mode, mem_size=mem, cmdline=cmdline,
             serial_in=serial_in, serial_out=serial_out, timeout=args.timeout, mode_reason=why,
-            nominal_ps=int(1e12 / facts.cpl0_instructions_per_s), cpl3_landmarks=facts.singlestep_cpl3,
+            nominal_ps=int(1e12 * args.clock_rate / facts.cpl0_instructions_per_s), cpl3_landmarks=facts.singlestep_cpl3,
             warn=_err)
     except (boot.BootError, GuestMemoryError) as e:
         _err(str(e))
@@ -507,8 +556,9 @@ def _cmd_run_live(args: argparse.Namespace) -> int:
     from vmm.machine import Machine, MachineError
     from vmm.memory import GuestMemoryError
 
+    from vmm.clock import HostClock
     try:
-        image = boot.load_kernel_file(args.kernel)
+        kernel, cmdline, mem = _open_boot(args)
     except boot.BootError as e:
         _err(str(e))
         return EXIT_USAGE
@@ -519,8 +569,8 @@ def _cmd_run_live(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         try:
-            machine = Machine(image, mem_size=args.mem, cmdline=args.cmdline,
-                              serial_in=serial_in, serial_out=serial_out)
+            machine = Machine(kernel, mem_size=mem, cmdline=cmdline, serial_in=serial_in,
+                              serial_out=serial_out, clock=HostClock(args.clock_rate))
         except (boot.BootError, GuestMemoryError) as e:
             _err(str(e))
             return EXIT_USAGE
@@ -537,6 +587,9 @@ def _cmd_run_live(args: argparse.Namespace) -> int:
         how = ("reset the machine (i8042)" if result.reason == "reset"
                else f"exited with status {result.status}")
         _err(f"guest {how} after {result.guest_ns / 1e9:.3f} s, {result.exits} exits")
+        if machine.emulated:
+            _err("instructions rrstub emulated (this host's KVM could not): "
+                 + ", ".join(f"{n} x{c}" for n, c in sorted(machine.emulated.items())))
     return result.status
 
 
@@ -611,10 +664,12 @@ def cmd_record(args: argparse.Namespace) -> int:
                      "time (a quarter of the window) so that old parts can be dropped")
     keys = sys.stdin if args.serial_in != "-" and sys.stdin is not None and sys.stdin.isatty() else None
     try:
-        result = record(args.kernel, args.output, mode, mem_size=args.mem, cmdline=args.cmdline,
+        kernel, cmdline, mem = args.boot_plan
+        result = record(kernel, args.output, mode, mem_size=mem, cmdline=cmdline,
                         serial_in=serial_in, serial_out=serial_out, timeout=args.timeout,
                         marker_every_ns=int(marker_every * 1e9),
-                        mode_reason=why, nominal_ps=int(1e12 / facts.cpl0_instructions_per_s),
+                        mode_reason=why,
+                        nominal_ps=int(1e12 * args.clock_rate / facts.cpl0_instructions_per_s),
                         cpl3_landmarks=facts.singlestep_cpl3, quota=args.quota,
                         rolling_ns=None if args.rolling is None else int(args.rolling * 1e9),
                         keys=keys, warn=_err)

@@ -238,7 +238,7 @@ def crop(src: str, out: str, start: str, stop: str,
         config = derived_config(rec, "crop", first, to_marker=last,
                                 to_position=rec.markers[last].meta["position"])
         tmp = _tmp_near(out)
-        writer = RecordingWriter(tmp, config, rec.kernel_name, rec.kernel_bytes())
+        writer = RecordingWriter(tmp, config, **rec.kernel_args())
         try:
             copied = copy_from_marker(rec, writer, first, last, progress)
             end_meta = rec.markers[last].meta
@@ -290,7 +290,7 @@ def rebase(path: str, writer: RecordingWriter, first: int, config_extra: dict,
         config = dict(rec.config)
         config.update(config_extra)
         tmp = _tmp_near(path)
-        new = RecordingWriter(tmp, config, rec.kernel_name, rec.kernel_bytes())
+        new = RecordingWriter(tmp, config, **rec.kernel_args())
         try:
             copied = copy_from_marker(rec, new, first, None, progress, resume)
             new.rename(path)

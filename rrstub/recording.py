@@ -65,7 +65,7 @@ import stat
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import zstandard
 
@@ -239,7 +239,7 @@ class RecordingWriter:
     what survives when the process dies or the disk fills up."""
 
     def __init__(self, path, config: dict, kernel_name: str, kernel_bytes: bytes, *,
-                 level: int = 3):
+                 level: int = 3, initrd: Optional[bytes] = None, initrd_name: Optional[str] = None):
         self.path = os.fspath(path)
         self._cctx = zstandard.ZstdCompressor(level=level)
         self._chunks: list[ChunkInfo] = []
@@ -256,9 +256,15 @@ class RecordingWriter:
         try:
             self._write(_file_header(), 0)
             self._add(ChunkKind.CONFIG, config, b"")
-            self._add(ChunkKind.KERNEL,
-                      {"name": kernel_name, "sha256": hashlib.sha256(kernel_bytes).hexdigest()},
-                      kernel_bytes)
+            meta = {"name": kernel_name, "sha256": hashlib.sha256(kernel_bytes).hexdigest()}
+            payload = kernel_bytes
+            if initrd is not None:
+                # The initrd follows the kernel in the same payload; "size" says where it starts.
+                meta.update(size=len(kernel_bytes),
+                            initrd={"name": initrd_name or "initrd", "size": len(initrd),
+                                    "sha256": hashlib.sha256(initrd).hexdigest()})
+                payload = kernel_bytes + initrd
+            self._add(ChunkKind.KERNEL, meta, payload)
         except BaseException:
             self.close()
             raise
@@ -459,8 +465,31 @@ class Recording:
             os.close(fd)
             raise
 
+    def kernel_args(self) -> dict:
+        """The kernel and initrd as ``RecordingWriter`` keywords, for a recording made from this one."""
+        return {"kernel_name": self.kernel_name, "kernel_bytes": self.kernel_bytes(),
+                "initrd": self.initrd_bytes(), "initrd_name": self.initrd_name}
+
+    @property
+    def initrd_name(self) -> Optional[str]:
+        initrd = self._kernel.meta.get("initrd")
+        return initrd.get("name") if isinstance(initrd, dict) else None
+
+    def initrd_bytes(self) -> Optional[bytes]:
+        """The initrd the recorded kernel booted with (None: it had none)."""
+        initrd = self._kernel.meta.get("initrd")
+        if not isinstance(initrd, dict):
+            return None
+        data = self.payload(self._kernel)[self._kernel.meta.get("size", 0):]
+        if hashlib.sha256(data).hexdigest() != initrd.get("sha256"):
+            raise _damaged(self.path, self._kernel.offset, "chunk kind KERNEL",
+                           "the initrd does not match its sha256")
+        return data
+
     def kernel_bytes(self) -> bytes:
         data = self.payload(self._kernel)
+        if isinstance(self._kernel.meta.get("size"), int):
+            data = data[:self._kernel.meta["size"]]
         if hashlib.sha256(data).hexdigest() != self.kernel_sha256:
             raise _damaged(self.path, self._kernel.offset, "chunk kind KERNEL",
                            "the kernel image does not match its sha256")

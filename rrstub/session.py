@@ -33,6 +33,7 @@ from rrstub.engines import (DEFAULT_MARKER_EVERY_NS, EVENT_POSITIONS, FLUSH_CHEC
 from rrstub.markers import MarkerError, decode_marker
 from rrstub.recording import ChunkKind, Recording, RecordingWriter
 from vmm import boot
+from vmm.boot.kernel import Kernel, open_kernel as open_kernel_bytes, open_kernel_file
 from vmm.kvm import host_monotonic_ns
 from vmm.machine import (EXIT_CRASH, EXIT_HUNG, EXIT_TIMEOUT, GuestCrashed, GuestHung, GuestTimeout,
                          Machine, MachineError)
@@ -394,14 +395,19 @@ class _Recorder:
     def __init__(self, kernel_path: str, path: str, mode: str, *, mem_size: int, cmdline: str,
                  serial_in: Optional[BinaryIO], serial_out: Optional[BinaryIO], marker_every_ns: int,
                  mode_reason: str, nominal_ps: int, cpl3_landmarks: bool, config_extra: Optional[dict] = None):
-        self.image = boot.load_kernel_file(kernel_path)
-        self.kernel_name = os.path.basename(kernel_path)
-        self.kernel_bytes = Path(kernel_path).read_bytes()
+        kernel = kernel_path if isinstance(kernel_path, Kernel) else open_kernel_file(kernel_path)
+        self.image = kernel
+        self.kernel_name = kernel.name
+        self.kernel_bytes = kernel.data
         self.epoch = time.time_ns()
         self.config = new_config(mode, mode_reason, mem_size, cmdline, self.epoch, nominal_ps, marker_every_ns,
                                  serial_in is not None)
+        if kernel.linux:
+            self.config["boot"] = kernel.protocol
         self.config.update(config_extra or {})
-        self.writer = RecordingWriter(path, self.config, self.kernel_name, self.kernel_bytes)
+        self.kernel_args = {"kernel_name": kernel.name, "kernel_bytes": kernel.data,
+                            "initrd": kernel.initrd, "initrd_name": kernel.initrd_name}
+        self.writer = RecordingWriter(path, self.config, **self.kernel_args)
         self.sink = LogSink(self.writer)
         kw = {"ps_per_instr": nominal_ps} if mode == "exact" else {"cpl3_landmarks": cpl3_landmarks}
         self.engine = ENGINES[mode](sink=self.sink, marker_every_ns=marker_every_ns, **kw)
@@ -619,7 +625,7 @@ def go_live(path: str, at: str, *, out_path: Optional[str] = None, serial_in: Op
         branch_config["parent"] = {"id": recording_id(rec), "file": os.path.abspath(path),
                                    "position": position, "unit": "instruction", "at": at,
                                    "guest_ns": engine.guest_now()}
-        writer = RecordingWriter(out_path or scratch, branch_config, rec.kernel_name, rec.kernel_bytes())
+        writer = RecordingWriter(out_path or scratch, branch_config, **rec.kernel_args())
         sink = LogSink(writer)
         output = RecordingOutput(writer, engine, sink, out, warn=warn)
         if serial_in is not None:
@@ -653,12 +659,12 @@ class GuestControl:
     """
 
     def __init__(self, engine: Engine, machine: Machine, out: SerialHashes, path: str, config: dict,
-                 kernel_name: str, kernel_bytes: bytes, scratch: "RecordingOutput",
+                 kernel_args: dict, scratch: "RecordingOutput",
                  warn: Callable[[str], None]):
         from vmm.devices.hypercall import HC_RECORD_START, HC_RECORD_STOP
         self.engine, self.machine, self.out = engine, machine, out
         self.path, self.config = path, config
-        self.kernel = (kernel_name, kernel_bytes)
+        self.kernel_args = kernel_args
         self.output = scratch
         self.scratch = scratch
         self.warn = warn
@@ -689,7 +695,7 @@ class GuestControl:
     def _switch(self, landmark: bool) -> None:
         e = self.engine
         if self.state == "starting":
-            writer = RecordingWriter(self.path, self.config, *self.kernel)
+            writer = RecordingWriter(self.path, self.config, **self.kernel_args)
             sink = LogSink(writer)
             self.output = RecordingOutput(writer, e, sink, self.out, warn=self.warn)
             e.sink = sink
@@ -739,7 +745,7 @@ def run_guest_controlled(kernel_path: str, out_path: str, mode: str, *, mem_size
     control = None
     try:
         machine = r.boot(scratch, serial_in, warn)
-        control = GuestControl(r.engine, machine, r.out, out_path, r.config, r.kernel_name, r.kernel_bytes,
+        control = GuestControl(r.engine, machine, r.out, out_path, r.config, r.kernel_args,
                                scratch, warn)
         result = _run_recording(r.engine, machine, lambda: control.output, control.started, timeout=timeout,
                                 kept=lambda: None if control.output is scratch else out_path,
@@ -895,7 +901,7 @@ class ReplayError(Exception):
     """The recording cannot be replayed here (not a divergence): the message says why."""
 
 
-def open_kernel(rec: Recording, kernel_check: Optional[str]) -> boot.KernelImage:
+def open_kernel(rec: Recording, kernel_check: Optional[str]) -> Kernel:
     data = rec.kernel_bytes()
     if kernel_check is not None:
         try:
@@ -910,7 +916,10 @@ def open_kernel(rec: Recording, kernel_check: Optional[str]) -> boot.KernelImage
                 f"{digest[:16]}.... Use the kernel that was recorded (rebuilding it rarely gives the "
                 "same bytes), or drop --kernel: the recording carries its own copy.")
     try:
-        return boot.parse_elf(data, rec.kernel_name)
+        boot_as = {"pvh": "pvh", "bzimage": "bzimage"}.get(rec.config.get("boot"), "auto")
+        if rec.config.get("boot") is None:
+            return Kernel.from_image(boot.parse_elf(data, rec.kernel_name), data)
+        return open_kernel_bytes(data, rec.kernel_name, rec.initrd_bytes(), rec.initrd_name, boot_as)
     except boot.BootError as e:
         raise ReplayError(f"{rec.path}: the kernel inside the recording is unusable: {e}") from None
 

@@ -103,16 +103,22 @@ class Clock:
 class HostClock(Clock):
     """Live time: nanoseconds of host CLOCK_MONOTONIC since the machine started."""
 
-    def __init__(self) -> None:
+    def __init__(self, rate: float = 1.0) -> None:
+        """``rate``: guest nanoseconds per host nanosecond (``--clock-rate``)."""
         super().__init__()
+        if not rate > 0:
+            raise ValueError(f"clock rate {rate} must be positive")
         self._origin = time.monotonic_ns()
+        self.rate = rate
 
     def now_ns(self) -> int:
-        return time.monotonic_ns() - self._origin
+        if self.rate == 1.0:
+            return time.monotonic_ns() - self._origin
+        return int((time.monotonic_ns() - self._origin) * self.rate)
 
     def to_host_ns(self, ns: int) -> int:
         """The host CLOCK_MONOTONIC time at which this clock reads ``ns``."""
-        return self._origin + ns
+        return self._origin + (ns if self.rate == 1.0 else int(ns / self.rate))
 
 
 class ManualClock(Clock):

@@ -725,6 +725,18 @@ class Vcpu:
             _check(lib.rr_ioctl(self.fd, lib.KVM_SET_VCPU_EVENTS, c), "KVM_SET_VCPU_EVENTS")
         return bool(c.interrupt.injected)
 
+    def inject_exception(self, vector: int, error_code: Optional[int] = None) -> None:
+        """Have the next KVM_RUN deliver exception ``vector`` (with ``error_code``) through the IDT."""
+        c = ffi.new("struct kvm_vcpu_events *")
+        _check(lib.rr_ioctl(self.fd, lib.KVM_GET_VCPU_EVENTS, c), "KVM_GET_VCPU_EVENTS")
+        c.exception.injected = 1
+        c.exception.pending = 0
+        c.exception.nr = vector
+        c.exception.has_error_code = 0 if error_code is None else 1
+        c.exception.error_code = error_code or 0
+        c.flags |= _EVENTS_RESTORE_FLAGS
+        _check(lib.rr_ioctl(self.fd, lib.KVM_SET_VCPU_EVENTS, c), "KVM_SET_VCPU_EVENTS")
+
     def get_debugregs(self) -> bytes:
         """struct kvm_debugregs: the guest's own DR0-3, DR6, DR7."""
         return self._get_struct("struct kvm_debugregs", "KVM_GET_DEBUGREGS")

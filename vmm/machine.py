@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Callable, Optional
 
 from vmm import boot, cpuid
+from vmm.boot.kernel import Kernel
 from vmm.bus import PortBus
 from vmm.clock import Clock, HostClock
 from vmm.devices.hypercall import HYPERCALL_PORT, HypercallPort
@@ -198,7 +199,7 @@ class SerialOutput:
 
 
 class Machine:
-    def __init__(self, kernel: boot.KernelImage, mem_size: int = DEFAULT_MEM, cmdline: str = "",
+    def __init__(self, kernel, mem_size: int = DEFAULT_MEM, cmdline: str = "",
                  serial_in: Optional[BinaryIO] = None, serial_out: Optional[BinaryIO] = None,
                  warn: Callable[[str], None] = lambda msg: print(f"rrstub: {msg}", file=sys.stderr),
                  kvm: Optional[Kvm] = None, clock: Optional[Clock] = None,
@@ -223,7 +224,8 @@ class Machine:
                                        lib.KVM_MEM_LOG_DIRTY_PAGES if dirty_log else 0)
         self.vcpu: Vcpu = self.vm.create_vcpu(0)
         self.vcpu.set_cpuid(cpuid.kvm_entries())
-        regs, sregs = boot.load(self.mem, kernel, self.vcpu.get_sregs(), cmdline)
+        self.boot = kernel if isinstance(kernel, Kernel) else Kernel.from_image(kernel)
+        regs, sregs = self.boot.load(self.mem, self.vcpu.get_sregs(), cmdline)
         self.vcpu.set_sregs(sregs)
         self.vcpu.set_regs(regs)
 
@@ -233,6 +235,7 @@ class Machine:
         self._wake = threading.Event()
         self._stop: Optional[tuple[str, int]] = None
         self.exits = 0
+        self.emulated: dict[str, int] = {}     # instructions performed by vmm.emulate, by mnemonic
         self.recent_exits: collections.deque = collections.deque(maxlen=RECENT_EXITS)
 
         # The PIC tells us when its INT output changes, so the loop tests a
@@ -430,7 +433,31 @@ class Machine:
             "not deliver exceptions, typically no valid IDT, a bad stack, or a fault in the "
             "double-fault handler"))
 
+    def emulate_failed(self):
+        """After KVM could not emulate the instruction at rip: perform it ourselves (vmm.emulate).
+
+        On success the vCPU holds the state after the instruction (and an
+        exception it raises is queued for delivery); None: not one we can.
+        """
+        from vmm import emulate
+        cpu = VcpuCpu(self.vcpu, self.mem)
+        try:
+            code = cpu.read(cpu.linear_rip(), 15)
+        except PageFault:
+            try:
+                code = cpu.read(cpu.linear_rip(), 1)
+            except PageFault:
+                return None
+        done = emulate.emulate(code, cpu)
+        if done is None:
+            return None
+        cpu.commit(done)
+        self.emulated[done.mnemonic] = self.emulated.get(done.mnemonic, 0) + 1
+        return done
+
     def _on_internal_error(self, exit: InternalError) -> None:
+        if exit.is_emulation_failure and self.emulate_failed() is not None:
+            return
         if exit.is_emulation_failure:
             regs, sregs = self.vcpu.get_regs(), self.vcpu.get_sregs()
             try:
@@ -511,3 +538,62 @@ class Machine:
 
 def _ignore(exit) -> None:
     pass
+
+
+class VcpuCpu:
+    """The vCPU and guest memory as ``vmm.emulate`` sees them (its ``Cpu``): state is read
+    from KVM once, changed in place, and written back by ``commit``."""
+
+    def __init__(self, vcpu: Vcpu, mem: GuestMemory):
+        self.vcpu, self.mem = vcpu, mem
+        self.regs = vcpu.get_regs()
+        self.sregs = vcpu.get_sregs()
+        self._fpu: Optional[bytearray] = None
+        self._fpu_dirty = False
+        self.xcr0 = 0x3
+
+    def linear_rip(self) -> int:
+        return (self.sregs.cs.base + self.regs.rip) & 0xFFFF_FFFF_FFFF_FFFF
+
+    def _phys(self, vaddr: int, n: int) -> list[tuple[int, int]]:
+        s, out = self.sregs, []
+        while n > 0:
+            chunk = min(n, 4096 - (vaddr & 0xFFF))
+            paddr = virt_to_phys(self.mem, s.cr0, s.cr3, s.cr4, s.efer, vaddr)
+            if paddr + chunk > self.mem.size:
+                raise PageFault(vaddr, 0, f"maps to physical {paddr:#x}, outside RAM")
+            out.append((paddr, chunk))
+            vaddr += chunk
+            n -= chunk
+        return out
+
+    def read(self, vaddr: int, n: int) -> bytes:
+        return b"".join(self.mem.read(p, c) for p, c in self._phys(vaddr, n))
+
+    def write(self, vaddr: int, data: bytes) -> None:
+        at = 0
+        for p, c in self._phys(vaddr, len(data)):
+            self.mem.write(p, data[at:at + c])
+            at += c
+
+    def fpu(self) -> bytearray:
+        if self._fpu is None:
+            self._fpu = bytearray(self.vcpu.get_xsave())
+        self._fpu_dirty = True
+        return self._fpu
+
+    def set_fpu(self, area: bytes) -> None:
+        self._fpu = bytearray(area)
+        self._fpu_dirty = True
+
+    def commit(self, done) -> None:
+        """Write back what the emulated instruction changed, and queue its exception."""
+        if self._fpu_dirty and self._fpu is not None:
+            self.vcpu.set_xsave(bytes(self._fpu))
+        self.vcpu.set_regs(self.regs)
+        if done.exception is not None:
+            vector, code = done.exception
+            if done.cr2 is not None:
+                from dataclasses import replace
+                self.vcpu.set_sregs(replace(self.vcpu.get_sregs(), cr2=done.cr2))
+            self.vcpu.inject_exception(vector, code)

@@ -26,7 +26,7 @@ from rrstub.engines.base import (EVENT_POSITIONS, NEVER, NOMINAL_PS_PER_INSTR, R
 from rrstub.markers import MarkerState
 from vmm import x86special
 from vmm.clock import IcountClock
-from vmm.kvm import Debug, IoIn, IoOut, Regs, _check, host_monotonic_ns
+from vmm.kvm import Debug, InternalError, IoIn, IoOut, Regs, _check, host_monotonic_ns
 from vmm.machine import GuestTimeout, Machine
 from vmm._native import ffi, lib
 
@@ -388,6 +388,25 @@ class ExactEngine(Engine):
                            f"(next recorded: {describe_entry(e)})")
         return self.source.pop().value
 
+    def _emulated(self, done, exit) -> None:
+        """KVM could not run the instruction and ``vmm.emulate`` did: it was one step.
+
+        An exception it raises (int3's #BP) is delivered by the next step,
+        which stops at the handler like an interrupt's delivery.
+        """
+        if done is None:
+            self.machine.handlers[InternalError](exit)      # the clear stop naming the instruction
+            return
+        regs = self.machine.vcpu.get_regs()
+        c = self.ctl
+        c.flags &= ~lib.RR_STEP_SKIP_BREAK
+        c.icount += 1
+        c.rip = (self.cs_base + regs.rip) & 0xFFFFFFFFFFFFFFFF
+        self.position = c.icount
+        self.steps_emulated += 1
+        if done.exception is not None and self.landings:
+            c.deliver_vector = done.exception[0] + 1
+
     def before_idle(self) -> None:
         self._idle_from = (self.clock.now_ns(), host_monotonic_ns())
 
@@ -398,6 +417,9 @@ class ExactEngine(Engine):
         m.recent_exits.append(exit)
         if isinstance(exit, Debug):
             raise EngineError(f"unexpected debug exit at {exit.pc:#x} while single-stepping")
+        if isinstance(exit, InternalError) and exit.is_emulation_failure:
+            self._emulated(m.emulate_failed(), exit)
+            return
         self.handle_exit(exit)
         if m._stop is not None:
             return

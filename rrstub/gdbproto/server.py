@@ -615,8 +615,13 @@ def serve(timeline: Timeline, host: str, port: int, *, log: Callable[[str], None
     except OSError as e:
         raise OSError(f"cannot listen on {host}:{port}: {e.strerror}; pick another port with --port "
                       "(or --gdb HOST:PORT)") from None
-    kernel = timeline.rec.kernel_bytes()
-    path = hostio.exec_path(timeline.rec.path, timeline.rec.kernel_name)
+    # A Linux kernel is served as an ELF of its symbols (kallsyms, when the
+    # file has no symbol table), so `break start_kernel` works without a debug package.
+    booted = getattr(getattr(timeline, "machine", None), "boot", None)
+    symbols = booted.symbol_file() if booted is not None and booted.linux else None
+    kernel = symbols if symbols is not None else timeline.rec.kernel_bytes()
+    path = hostio.exec_path(timeline.rec.path,
+                            timeline.rec.kernel_name + (".symbols.elf" if symbols is not None else ""))
     with listener:
         bound = listener.getsockname()[1]
         ready(bound)
