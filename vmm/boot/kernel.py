@@ -91,9 +91,13 @@ class Kernel:
             if self.initrd is not None:
                 raise BootError(f"{self.name}: --initrd is for Linux kernels; this is an rrstub ELF kernel")
             return elf.load(mem, self.image, initial, cmdline)
-        from vmm.boot import acpi
-        blob, rsdp = acpi.build_tables(memmap.ACPI_PADDR)
-        mem.write(memmap.ACPI_PADDR, blob)
+        try:
+            from vmm.boot import acpi
+        except ImportError:         # no ACPI tables yet: Linux boots, but cannot power off
+            rsdp = 0
+        else:
+            blob, rsdp = acpi.build_tables(memmap.ACPI_PADDR)
+            mem.write(memmap.ACPI_PADDR, blob)
         encoded = cmdline.encode()
         if self.protocol == "pvh":
             return pvh.load(mem, self.image, self.entry, initial, encoded, self.initrd, rsdp)
