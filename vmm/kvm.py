@@ -684,7 +684,20 @@ class Vcpu:
         return self._get_struct("struct kvm_xsave", "KVM_GET_XSAVE")
 
     def set_xsave(self, data: bytes) -> None:
-        self._set_struct("struct kvm_xsave", "KVM_SET_XSAVE", data)
+        """Load ``data``; a state saved on a host with other XSAVE features (KVM refuses
+        components it does not support, EINVAL) is loaded as its x87 and SSE parts, the
+        only ones an rrstub guest can use (its CPUID offers no AVX or later)."""
+        try:
+            self._set_struct("struct kvm_xsave", "KVM_SET_XSAVE", data)
+        except KvmError as e:
+            if e.errno != errno_mod.EINVAL or len(data) < 576:
+                raise
+            legacy = bytearray(data)
+            bv = int.from_bytes(legacy[512:520], "little") & 0x3     # XSTATE_BV: x87 | SSE
+            legacy[512:520] = bv.to_bytes(8, "little")
+            legacy[520:576] = bytes(56)                              # XCOMP_BV and the rest of the header
+            legacy[576:] = bytes(len(legacy) - 576)
+            self._set_struct("struct kvm_xsave", "KVM_SET_XSAVE", bytes(legacy))
 
     def get_xcrs(self) -> bytes:
         """struct kvm_xcrs: the extended control registers (XCR0)."""
