@@ -553,7 +553,8 @@ class VcpuCpu:
         self.sregs = vcpu.get_sregs()
         self._fpu: Optional[bytearray] = None
         self._fpu_dirty = False
-        self.xcr0 = 0x3
+        self.xcr0 = 0x3             # x87 | SSE: the CPUID rrstub offers has no AVX
+        self.xss = None             # IA32_XSS unknown: XSAVES/XRSTORS are not emulated
 
     def linear_rip(self) -> int:
         return (self.sregs.cs.base + self.regs.rip) & 0xFFFF_FFFF_FFFF_FFFF
@@ -579,11 +580,10 @@ class VcpuCpu:
             self.mem.write(p, data[at:at + c])
             at += c
 
-    def fpu(self) -> bytearray:
+    def fpu(self) -> bytes:
         if self._fpu is None:
             self._fpu = bytearray(self.vcpu.get_xsave())
-        self._fpu_dirty = True
-        return self._fpu
+        return bytes(self._fpu)
 
     def set_fpu(self, area: bytes) -> None:
         self._fpu = bytearray(area)

@@ -51,9 +51,21 @@ def test_jump_outside_ram_is_explained(tmp_path):
     assert b"rip 0x10000000 (physical 0x10000000), which is not guest RAM" in r.stderr
 
 
-def test_instruction_the_host_cannot_emulate(tmp_path):
-    """lock cmpxchg16b: emulated CPL0 code (PVM hosts) cannot run it; VMX hosts run it natively."""
+def test_instruction_the_host_cannot_emulate_is_emulated_by_rrstub(tmp_path):
+    """lock cmpxchg16b: emulated CPL0 code (PVM hosts) cannot run it, so rrstub does (vmm.emulate);
+    VMX hosts run it natively."""
     code = b"\x48\xc7\xc6\x00\x00\x20\x00" + b"\xf0\x48\x0f\xc7\x0e" + OUT_STATUS_0  # rsi=2M; lock cmpxchg16b [rsi]
+    with Kvm() as kvm:
+        emulated = measure_cpl0_rate(kvm) < 50e6
+    r = rrstub("run", kernel(tmp_path, code))
+    assert r.returncode == 0, r.stderr
+    if emulated:
+        assert "instructions rrstub emulated (this host's KVM could not): cmpxchg16b x1" in r.stderr.decode()
+
+
+def test_instruction_nobody_can_emulate_is_a_clear_stop(tmp_path):
+    """x87 arithmetic (fadd st0, st1) at CPL0: neither this host's KVM nor rrstub emulates it."""
+    code = b"\xd8\xc1" + OUT_STATUS_0
     with Kvm() as kvm:
         emulated = measure_cpl0_rate(kvm) < 50e6
     r = rrstub("run", kernel(tmp_path, code))
@@ -61,7 +73,7 @@ def test_instruction_the_host_cannot_emulate(tmp_path):
         assert r.returncode == 70, r.stderr
         err = r.stderr.decode()
         assert "could not emulate a guest instruction" in err
-        assert "rip 0x100007 (CPL0): f0 48 0f c7 0e    lock cmpxchg16b xmmword ptr [rsi]" in err
+        assert "rip 0x100000 (CPL0): d8 c1" in err
     else:
         assert r.returncode == 0, r.stderr
 
