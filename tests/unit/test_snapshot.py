@@ -8,6 +8,7 @@ import pytest
 
 from vmm._native import ffi
 from vmm.clock import ManualClock
+from vmm.devices.acpi import AcpiPm
 from vmm.devices.misc import DebugExit, I8042, PostCode
 from vmm.devices.pic import PicPair
 from vmm.devices.pit import Pit8254
@@ -221,7 +222,15 @@ def busy_devices() -> dict:
     kbc = I8042(lambda: None)
     kbc.write(0, 1, 0)
     return {"com1": serial.state(), "pic": pics.state(), "pit": pit.state(), "rtc": rtc.state(),
-            "post": post.state(), "i8042": kbc.state(), "debug-exit": DebugExit(lambda s: None).state()}
+            "post": post.state(), "i8042": kbc.state(), "debug-exit": DebugExit(lambda s: None).state(),
+            "acpi_pm": _busy_pm().state()}
+
+
+def _busy_pm() -> AcpiPm:
+    pm = AcpiPm(lambda: None)
+    pm.write(2, 2, 0x20)          # PM1_EN: power button enable
+    pm.write(4, 2, 0x0C00)        # PM1_CNT: SLP_TYP 3, SLP_EN clear
+    return pm
 
 
 def classes_in(value, found: set) -> set:
