@@ -123,17 +123,21 @@ def parse_elf(data: bytes, path: str = "<kernel>") -> KernelImage:
     return KernelImage(path, e_entry, tuple(segments))
 
 
-def load_kernel_file(path: str | Path) -> KernelImage:
+def read_boot_file(path: str | Path, what: str) -> bytes:
+    """The bytes of a kernel or initrd file; a BootError naming it if it cannot be read."""
     p = Path(path)
     try:
-        data = p.read_bytes()
+        return p.read_bytes()
     except FileNotFoundError:
-        raise BootError(f"{p}: no such kernel file") from None
+        raise BootError(f"{p}: no such {what} file") from None
     except IsADirectoryError:
-        raise BootError(f"{p}: is a directory, not a kernel file") from None
+        raise BootError(f"{p}: is a directory, not a {what} file") from None
     except PermissionError:
-        raise BootError(f"{p}: permission denied reading the kernel") from None
-    return parse_elf(data, str(p))
+        raise BootError(f"{p}: permission denied reading the {what}") from None
+
+
+def load_kernel_file(path: str | Path) -> KernelImage:
+    return parse_elf(read_boot_file(path, "kernel"), str(Path(path)))
 
 
 def _entry_is_mapped(vaddr: int) -> bool:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import shlex
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 from vmm.boot import elf, linux, memmap, pvh
@@ -160,19 +159,7 @@ def open_kernel(data: bytes, name: str, initrd: Optional[bytes] = None, initrd_n
     raise BootError(f"{name}: not a kernel rrstub can boot")
 
 
-def read_file(path: str, what: str) -> bytes:
-    p = Path(path)
-    try:
-        return p.read_bytes()
-    except FileNotFoundError:
-        raise BootError(f"{p}: no such {what} file") from None
-    except IsADirectoryError:
-        raise BootError(f"{p}: is a directory, not a {what} file") from None
-    except PermissionError:
-        raise BootError(f"{p}: permission denied reading the {what}") from None
-
-
 def open_kernel_file(path: str, initrd: Optional[str] = None, boot: str = "auto") -> Kernel:
-    data = read_file(path, "kernel")
-    blob = read_file(initrd, "initrd") if initrd is not None else None
+    data = elf.read_boot_file(path, "kernel")
+    blob = elf.read_boot_file(initrd, "initrd") if initrd is not None else None
     return open_kernel(data, str(path), blob, None if initrd is None else os.path.basename(initrd), boot)
