@@ -41,6 +41,8 @@ bench: setup
 	$(VENV)/bin/python benchmarks/stops_bench.py
 	@echo
 	$(VENV)/bin/python benchmarks/debug_bench.py
+	@echo
+	$(VENV)/bin/python benchmarks/linux_bench.py
 
 doctor: setup
 	$(VENV)/bin/rrstub doctor

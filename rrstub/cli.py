@@ -26,6 +26,7 @@ RUN_EPILOG = """\
 exit status:
   0-255  the value the guest wrote to the debug-exit port (0xf4);
          0 also when the guest reset the machine through the i8042 (0xfe to port 0x64)
+         or powered it off through ACPI (S5, as Linux does for poweroff)
   2      bad arguments or an unusable kernel file
   3      KVM is not available (no /dev/kvm, or no permission)
   70     the guest crashed: triple fault, or an instruction the host KVM cannot
@@ -551,6 +552,15 @@ def _cmd_run_guest_record(args: argparse.Namespace) -> int:
     return exit_status(outcome)
 
 
+def _host_breaks_syscall() -> bool:
+    from rrstub.hostfacts import host_facts
+    from vmm.kvm import KvmError
+    try:
+        return host_facts().syscall_keeps_user_cs
+    except KvmError:
+        return False        # the run itself reports a missing or unusable /dev/kvm
+
+
 def _cmd_run_live(args: argparse.Namespace) -> int:
     from vmm import boot
     from vmm.machine import Machine, MachineError
@@ -574,6 +584,12 @@ def _cmd_run_live(args: argparse.Namespace) -> int:
         except (boot.BootError, GuestMemoryError) as e:
             _err(str(e))
             return EXIT_USAGE
+        if kernel.protocol != "elf" and _host_breaks_syscall():
+            machine.repair_syscalls()
+            if not args.quiet:
+                _err("this host's KVM leaves CS/SS at user privilege after a user-mode syscall "
+                     "(`rrstub doctor`: syscall CPL3); rrstub finishes each such syscall at the "
+                     "guest's page-fault entry (a hardware breakpoint; guest memory is not touched)")
         try:
             result = machine.run(timeout=args.timeout)
         except MachineError as e:
@@ -584,12 +600,14 @@ def _cmd_run_live(args: argparse.Namespace) -> int:
     finally:
         _close_streams(serial_in, serial_out)
     if not args.quiet:
-        how = ("reset the machine (i8042)" if result.reason == "reset"
-               else f"exited with status {result.status}")
+        how = {"reset": "reset the machine (i8042)", "poweroff": "powered off (ACPI S5)"}.get(
+            result.reason, f"exited with status {result.status}")
         _err(f"guest {how} after {result.guest_ns / 1e9:.3f} s, {result.exits} exits")
         if machine.emulated:
             _err("instructions rrstub emulated (this host's KVM could not): "
                  + ", ".join(f"{n} x{c}" for n, c in sorted(machine.emulated.items())))
+        if machine.syscall_repair is not None and machine.syscall_repair.repairs:
+            _err(f"syscalls finished for the host: {machine.syscall_repair.repairs}")
     return result.status
 
 

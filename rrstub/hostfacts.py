@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Optional
 
 from vmm.kvm import Kvm, default_kvm_path
-from vmm.probe import measure_cpl0_rate, probe_hw_breakpoint, probe_singlestep
+from vmm.probe import measure_cpl0_rate, probe_hw_breakpoint, probe_singlestep, probe_syscall_privilege
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 # Exact recording is picked when stepping every instruction costs at most this
 # many times running the guest live.
 EXACT_MAX_SLOWDOWN = 8.0
@@ -32,6 +32,7 @@ class HostFacts:
     hw_breakpoint_cpl0: bool
     cpl0_instructions_per_s: float
     singlestep_us: float
+    syscall_keeps_user_cs: bool = False   # kvm_pvm: syscall from CPL3 leaves CS/SS at user privilege
 
     @property
     def exact_slowdown(self) -> float:
@@ -67,7 +68,9 @@ def host_facts(kvm_path: Optional[str] = None, refresh: bool = False) -> HostFac
         ss3, _ = probe_singlestep(kvm, cpl3=True)
         hw = probe_hw_breakpoint(kvm)
         rate = measure_cpl0_rate(kvm)
-    facts = HostFacts(ss0.works, ss3.works, hw.works, rate, step_us)
+        syscall = probe_syscall_privilege(kvm)
+    facts = HostFacts(ss0.works, ss3.works, hw.works, rate, step_us,
+                      syscall_keeps_user_cs=not syscall.works and "left CS" in syscall.detail)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")

@@ -39,7 +39,9 @@ def describe(path: str, verify: bool = False) -> dict:
             "file": path, "format_version": rec.version, "file_bytes": rec.file_size,
             "complete": not rec.recovered, "recovery_note": rec.recovery_note,
             "mode": mode, "mode_reason": c.get("mode_reason", ""), "unit": UNITS.get(mode, "positions"),
-            "kernel": {"name": rec.kernel_name, "sha256": rec.kernel_sha256},
+            "kernel": {"name": rec.kernel_name, "sha256": rec.kernel_sha256,
+                       **({"initrd": rec.initrd_meta} if rec.initrd_meta else {}),
+                       **({"boot": c["boot"]} if c.get("boot") else {})},
             "machine": {"mem_bytes": c.get("mem_size"), "cmdline": c.get("cmdline", "")},
             "recorded": {"host": c.get("host", {}), "created": c.get("created", ""),
                          "rrstub": c.get("rrstub", ""), "serial_input": c.get("serial_input", False)},
@@ -80,6 +82,9 @@ def format_info(i: dict) -> str:
         lines.append("  positions: the markers and the end below are at exit numbers; --until, --from, serve and "
                      "trace count instructions from the first marker (give a marker as mN or by its name)")
     lines.append(f"  kernel: {i['kernel']['name']} sha256 {i['kernel']['sha256']}")
+    if i["kernel"].get("initrd"):
+        initrd = i["kernel"]["initrd"]
+        lines.append(f"  initrd: {initrd.get('name')} ({initrd.get('size')} bytes) sha256 {initrd.get('sha256')}")
     m = i["machine"]
     lines.append(f"  machine: {m['mem_bytes'] // (1 << 20) if m['mem_bytes'] else '?'} MiB RAM, "
                  f"cmdline {m['cmdline']!r}, serial input {'recorded' if rec['serial_input'] else 'none'}")

@@ -471,6 +471,12 @@ class Recording:
                 "initrd": self.initrd_bytes(), "initrd_name": self.initrd_name}
 
     @property
+    def initrd_meta(self) -> Optional[dict]:
+        """{name, size, sha256} of the initrd stored with the kernel (None: it had none)."""
+        initrd = self._kernel.meta.get("initrd")
+        return dict(initrd) if isinstance(initrd, dict) else None
+
+    @property
     def initrd_name(self) -> Optional[str]:
         initrd = self._kernel.meta.get("initrd")
         return initrd.get("name") if isinstance(initrd, dict) else None

@@ -50,7 +50,7 @@ _REASON_OF = {GuestCrashed: "crash", GuestHung: "hung", GuestTimeout: "timeout"}
 
 def exit_status(outcome: Outcome) -> int:
     """The `rrstub record`/`replay` exit status for how a run ended."""
-    return {"exit": outcome.status, "reset": 0, "crash": EXIT_CRASH, "hung": EXIT_HUNG,
+    return {"exit": outcome.status, "reset": 0, "poweroff": 0, "crash": EXIT_CRASH, "hung": EXIT_HUNG,
             "timeout": EXIT_TIMEOUT, "interrupted": outcome.status or EXIT_INTERRUPTED, "until": 0,
             "incomplete": EXIT_INCOMPLETE, "cropped": 0, "quota": EXIT_QUOTA,
             "stopped": 0}.get(outcome.reason, 1)

@@ -25,9 +25,11 @@ from dataclasses import dataclass
 from typing import BinaryIO, Callable, Optional
 
 from vmm import boot, cpuid
+from vmm.boot import acpi as acpi_tables
 from vmm.boot.kernel import Kernel
 from vmm.bus import PortBus
 from vmm.clock import Clock, HostClock
+from vmm.devices.acpi import AcpiPm
 from vmm.devices.hypercall import HYPERCALL_PORT, HypercallPort
 from vmm.devices.misc import DebugExit, I8042, PostCode
 from vmm.devices.pic import PicPair
@@ -37,7 +39,7 @@ from vmm.devices.serial import Serial16550
 from vmm.diagnostics import disassemble_one, format_exits, format_registers
 from vmm.kvm import (Debug, FailEntry, Hlt, InternalError, Interrupted, IoIn, IoOut,
                      IrqWindowOpen, Kvm, MmioRead, MmioWrite, Shutdown, SystemEvent,
-                     UnknownExit, Vcpu)
+                     UnknownExit, Vcpu, host_monotonic_ns)
 from vmm.memory import GuestMemory
 from vmm.paging import PageFault, read_virtual, virt_to_phys
 from vmm._native import lib
@@ -54,8 +56,12 @@ COM1, COM1_IRQ = 0x3F8, 4
 DEFAULT_MEM = 64 << 20
 RAM_SLOT = 0
 # The devices whose state a marker holds (attribute names on Machine).
-DEVICE_NAMES = ("pic", "pit", "rtc", "serial", "i8042", "post", "debug_exit")
+DEVICE_NAMES = ("pic", "pit", "rtc", "serial", "i8042", "post", "debug_exit", "acpi_pm")
+# Devices added after recordings were made: a marker without one restores it
+# to its power-on state (which is what those guests saw: ports nobody claimed).
+LATER_DEVICES = ("acpi_pm",)
 RECENT_EXITS = 16
+REPAIR_REFRESH_NS = 250_000_000   # how often the live loop re-reads the guest's page-fault entry
 
 # `rrstub run` exit statuses for outcomes that are not the guest's own.
 EXIT_CRASH = 70      # triple fault, emulation failure, KVM internal error
@@ -83,7 +89,7 @@ class GuestTimeout(MachineError):
 
 @dataclass(frozen=True, slots=True)
 class RunResult:
-    reason: str          # "exit": debug-exit port; "reset": i8042 reset line
+    reason: str          # "exit": debug-exit port; "reset": i8042 reset line; "poweroff": ACPI S5
     status: int          # the value the guest wrote to the debug-exit port (0 on reset)
     exits: int           # KVM exits handled
     guest_ns: int        # virtual time at the stop
@@ -236,6 +242,7 @@ class Machine:
         self._stop: Optional[tuple[str, int]] = None
         self.exits = 0
         self.emulated: dict[str, int] = {}     # instructions performed by vmm.emulate, by mnemonic
+        self.syscall_repair = None             # vmm.syscallfix, when the host needs it (repair_syscalls)
         self.recent_exits: collections.deque = collections.deque(maxlen=RECENT_EXITS)
 
         # The PIC tells us when its INT output changes, so the loop tests a
@@ -251,7 +258,8 @@ class Machine:
         self.bus.insert(self.pic.master, PIC_MASTER, 2)
         self.bus.insert(self.pic.slave, PIC_SLAVE, 2)
         self.bus.insert(self.pit, PIT_BASE, 4)
-        self.i8042 = I8042(self._on_reset)
+        self.i8042 = I8042(self._on_reset, self.pit.port_b_read, self.pit.port_b_write)
+        self.acpi_pm = AcpiPm(self._on_power_off)
         self.post = PostCode()
         self.debug_exit = DebugExit(self._on_debug_exit)
         self.bus.insert(self.i8042, I8042_BASE, 5)
@@ -260,6 +268,8 @@ class Machine:
         self.bus.insert(self.debug_exit, DEBUG_EXIT_PORT, 1)
         self.bus.insert(self.serial, COM1, 8)
         self.bus.insert(self.hypercalls, HYPERCALL_PORT, 4)
+        self.bus.insert(self.acpi_pm, acpi_tables.PM1A_EVT_PORT, acpi_tables.PM_PORT_COUNT)
+        self._power_on = {name: getattr(self, name).state() for name in LATER_DEVICES}
 
         self._window_requested = False
         self.injections = 0
@@ -284,17 +294,22 @@ class Machine:
             self.serial_in.close()
         self.serial_in = SerialInput(stream, self._wake, self.vcpu.kick)
 
+    def repair_syscalls(self) -> None:
+        """Finish user-mode syscalls this host's KVM leaves at user privilege (live runs only)."""
+        from vmm.syscallfix import SyscallRepair
+        self.syscall_repair = SyscallRepair(self.vcpu, self.mem)
+
     # -- device state (markers) --------------------------------------------
     def device_states(self) -> dict:
         """Every device's state, by name: the device half of a marker."""
         return {name: getattr(self, name).state() for name in DEVICE_NAMES}
 
     def restore_devices(self, states: dict) -> None:
-        missing = [name for name in DEVICE_NAMES if name not in states]
+        missing = [name for name in DEVICE_NAMES if name not in states and name not in LATER_DEVICES]
         if missing:
             raise ValueError(f"device state lacks {', '.join(missing)}")
         for name in DEVICE_NAMES:
-            getattr(self, name).restore(states[name])
+            getattr(self, name).restore(states.get(name) or self._power_on[name])
         self._intr = self.pic.has_interrupt()
         self._window_requested = False
         self.vcpu.request_interrupt_window(False)
@@ -309,6 +324,26 @@ class Machine:
     def _on_reset(self) -> None:
         self._stop = ("reset", 0)
 
+    def _page_fault_entry(self, repair, deadline):
+        """The live loop stopped at the guest's page-fault entry (``vmm.syscallfix``).
+
+        A broken syscall is finished there; any other fault goes on by one
+        step with the breakpoint cleared.  Returns the exit that step ended
+        with when it is not the step's own debug exit (an I/O exit of the
+        handler's first instruction, say), for the caller to handle.
+        """
+        if repair.repair():
+            return None
+        repair.single_step_flags()
+        try:
+            exit = self.vcpu.run(0 if deadline is None else self.clock.to_host_ns(deadline))
+        finally:
+            repair.rearm()
+        return None if isinstance(exit, Debug) else exit
+
+    def _on_power_off(self) -> None:
+        self._stop = ("poweroff", 0)
+
     # -- the run loop --------------------------------------------------------
     def run(self, timeout: Optional[float] = None) -> RunResult:
         """Run until the guest exits or resets; raise MachineError otherwise."""
@@ -319,13 +354,24 @@ class Machine:
         to_host_ns = clock.to_host_ns
         recent = self.recent_exits
         try:
+            repair = self.syscall_repair
+            refresh_at = 0
             while self._stop is None:
                 self._poll_devices()
                 self.inject()
                 deadline = self._until_timeout(clock.next_deadline())
+                if repair is not None and host_monotonic_ns() >= refresh_at:
+                    repair.refresh()
+                    refresh_at = host_monotonic_ns() + REPAIR_REFRESH_NS
                 exit = vcpu.run(0 if deadline is None else to_host_ns(deadline))
                 self.exits += 1
                 recent.append(exit)
+                if repair is not None and repair.is_hit(exit):
+                    exit = self._page_fault_entry(repair, deadline)
+                    if exit is None:
+                        continue
+                    self.exits += 1
+                    recent.append(exit)
                 handlers[type(exit)](exit)
                 if end_ns is not None and clock.now_ns() >= end_ns and self._stop is None:
                     raise GuestTimeout(self._timeout_report(timeout))

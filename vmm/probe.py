@@ -81,6 +81,7 @@ class HostReport:
     dr7_watchpoint_cpl0: ProbeResult
     cpuid_masking_cpl0: ProbeResult
     pmu: ProbeResult
+    syscall_cpl3: ProbeResult
     cpl0_instructions_per_s: float
     port_io_exit_raw_us: float
     port_io_exit_us: float
@@ -232,6 +233,48 @@ def probe_dr7_watchpoint(kvm: Kvm) -> ProbeResult:
         return ProbeResult(False, _describe(exit))
 
 
+MSR_EFER, MSR_STAR, MSR_LSTAR, MSR_FMASK = 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000084
+EFER_SCE = 1 << 0
+SYSCALL = b"\x0f\x05"
+MOV_EAX_CS = b"\x8c\xc8"                    # mov eax, cs
+PROBE_KERNEL_CS = 0x08                       # STAR[47:32]: the CS (and CS + 8 the SS) syscall loads
+
+
+def probe_syscall_privilege(kvm: Kvm) -> ProbeResult:
+    """Does ``syscall`` from CPL3 load the kernel's CS and SS from STAR?
+
+    User code executes syscall into a handler that writes CS to the probe
+    port.  On a correct CPU the handler runs at CPL0 with STAR's selector
+    and the port write exits; kvm_pvm has been seen to leave the user's CS
+    and SS in place, so the handler runs at CPL3, its port write faults and
+    (with no IDT) the machine shuts down there with the user CS loaded.  A
+    kernel's syscall entry on such a host runs at CPL3 and page-faults on
+    its own supervisor pages.
+    """
+    handler = MOV_EAX_CS + MOV_DX_PROBE + OUT_DX_EAX + OUT_DONE
+    out_at = CODE_BASE + 0x100 + len(MOV_EAX_CS + MOV_DX_PROBE)
+    code = SYSCALL + JMP_SELF
+    code = code + NOP * (0x100 - len(code)) + handler
+    with ProbeVm(kvm, code, cpl3=True) as p:
+        sregs = p.vcpu.get_sregs()
+        p.vcpu.set_sregs(replace(sregs, efer=sregs.efer | EFER_SCE))
+        p.vcpu.set_msrs({MSR_STAR: PROBE_KERNEL_CS << 32 | 0x10 << 48, MSR_LSTAR: CODE_BASE + 0x100,
+                         MSR_FMASK: 0})
+        exit = p.run()
+        if isinstance(exit, IoOut) and exit.port == PROBE_PORT:
+            cs = int.from_bytes(exit.data, "little") & 0xFFFF
+            if cs == PROBE_KERNEL_CS:
+                return ProbeResult(True, f"syscall from CPL3 loads the kernel CS from STAR ({cs:#x})")
+            return ProbeResult(False, f"syscall from CPL3 loaded CS {cs:#x}, not STAR's {PROBE_KERNEL_CS:#x}")
+        if isinstance(exit, Shutdown):
+            regs, sregs = p.vcpu.get_regs(), p.vcpu.get_sregs()
+            if regs.rip == out_at and sregs.cs.dpl == 3:
+                return ProbeResult(False, f"syscall from CPL3 left CS at {sregs.cs.selector:#x} (DPL 3), not "
+                                          f"STAR's {PROBE_KERNEL_CS:#x}: the kernel's syscall entry runs at "
+                                          "user privilege")
+        return ProbeResult(False, f"the syscall probe did not report: {_describe(exit)}")
+
+
 def probe_cpuid_masking(kvm: Kvm) -> ProbeResult:
     def mask(entry):
         return replace(entry, ecx=0) if entry.function == 1 else entry
@@ -344,6 +387,8 @@ def probe_host(path: str | None = None, progress=lambda msg: None) -> HostReport
         progress("CPUID masking")
         cpuid = probe_cpuid_masking(kvm)
         pmu = probe_pmu(kvm)
+        progress("syscall from user mode")
+        syscall = probe_syscall_privilege(kvm)
         progress("CPL0 instruction rate")
         rate = measure_cpl0_rate(kvm)
         progress("port-I/O exit cost")
@@ -352,11 +397,14 @@ def probe_host(path: str | None = None, progress=lambda msg: None) -> HostReport
         if rate < 50e6:
             notes.append("guest kernel code runs emulated (far below native speed): single-stepping "
                          "costs only a few times the execution itself here")
+        if not syscall.works:
+            notes.append("a user-mode syscall does not reach CPL0 here: `rrstub run` of Linux finishes "
+                         "each one at the guest's page-fault entry (hardware breakpoint)")
         if not cpuid.works:
             notes.append("CPUID masking is ignored at CPL0: rdtsc/rdrand/cpuid must be intercepted "
                          "by single-stepping to be deterministic")
         return HostReport(path or default_kvm_path(), 12, _kvm_module(), _cpu_virtualization(), caps, ss0, ss3, hwbp, swbp,
-                          watch, cpuid, pmu, rate, raw_us, exit_us, step_us, notes)
+                          watch, cpuid, pmu, syscall, rate, raw_us, exit_us, step_us, notes)
 
 
 def format_report(r: HostReport) -> str:
@@ -374,6 +422,7 @@ def format_report(r: HostReport) -> str:
         f"DR7 watchpoints     {yn(r.dr7_watchpoint_cpl0)}",
         f"CPUID masking CPL0  {yn(r.cpuid_masking_cpl0)}",
         f"PMU                 {yn(r.pmu)}",
+        f"syscall CPL3        {yn(r.syscall_cpl3)}",
         "",
         f"CPL0 instructions   {r.cpl0_instructions_per_s / 1e6:.2f} M/s (dec; jnz loop)",
         f"port-I/O exit       {r.port_io_exit_raw_us:.1f} us bare C KVM_RUN loop, "

@@ -28,10 +28,14 @@ from vmm._native import lib
 if TYPE_CHECKING:
     from rrstub.engines.log import LogSink, LogSource
 
-SYNC_INTERVAL_NS = 50_000_000       # exact engine: a sync point every 50 ms of guest time
+# Exact engine: a sync point every 1 ms of guest time.  Each one re-rates the
+# virtual CPU by how fast the host stepped since the last, which is how host
+# timing reaches where interrupts land; at 50 ms a short recording had no sync
+# at all and every recording of a race came out the same.
+SYNC_INTERVAL_NS = 1_000_000
 NOMINAL_PS_PER_INSTR = 1000         # exact engine: the virtual CPU retires one instruction per ns
 CHECK_INTERVAL_NS = 100_000_000     # a state check at the first I/O exit after this much guest time
-SYNC_CHECK_EVERY = 4                # exact engine: a state check in every Nth sync point
+SYNC_CHECK_EVERY = 16               # exact engine: a state check in every Nth sync point
 # Buffered events reach the file at least this often (host time), so that a
 # killed recorder loses at most this much; half the 2 s we promise, because a
 # check comes only at a point, a fast engine's kick or an exact engine's
@@ -49,7 +53,7 @@ RELOCATE_TRIES = 3                  # fast recording: loops that outlast RELOCAT
 # Fast replay gives up on a landmark after the longer of these (host time):
 LANDMARK_BUDGET_MIN_NS = 5_000_000_000
 LANDMARK_BUDGET_FACTOR = 500        # x the guest time the recorder took to get there
-GUEST_ENDS = ("exit", "reset", "crash", "hung")
+GUEST_ENDS = ("exit", "reset", "poweroff", "crash", "hung")
 # Config "positions": 2 = interrupt deliveries and event returns (iret,
 # int n, syscall, sysret) are positions of their own (rr_step landings).
 EVENT_POSITIONS = 2

@@ -582,6 +582,7 @@ class Timeline:
         reason = out.reason if out is not None else end.reason if end is not None else "incomplete"
         status = out.status if out is not None else end.status if end is not None else 0
         what = {"exit": f"the guest exited with status {status}", "reset": "the guest reset itself",
+                "poweroff": "the guest powered off (ACPI S5)",
                 "crash": "the guest crashed", "hung": "the guest hung: nothing could wake it",
                 "timeout": "the recorder's --timeout ended the recording",
                 "interrupted": "the recording was stopped by "

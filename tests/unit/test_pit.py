@@ -242,3 +242,125 @@ def test_restore_over_a_running_pit_replaces_its_timer():
     b.pit.restore(saved)
     b.clock.advance(ns_for(2000))
     assert b.edges() == [ns_for(1000), ns_for(2000)]
+
+
+# -- channel 2's gate and port 0x61 (system control port B) ----------------------
+
+def port_b_out2(b):
+    return bool(b.pit.port_b_read() & 0x20)
+
+
+def test_port_b_reads_back_its_enables_and_powers_on_with_the_gate_high():
+    b = Bench()
+    assert b.pit.port_b_read() & 0x0F == 0x01
+    b.pit.port_b_write(0xFE)                     # read-only bits 4..7 are not stored
+    assert b.pit.port_b_read() & 0xCF == 0x0E
+    b.pit.port_b_write(0x03)
+    assert b.pit.port_b_read() & 0xCF == 0x03
+
+
+def test_port_b_refresh_bit_toggles_with_virtual_time():
+    b = Bench()
+    seen = []
+    for _ in range(8):
+        seen.append(bool(b.pit.port_b_read() & 0x10))
+        b.clock.advance(15_085)
+    assert seen == [False, True] * 4
+
+
+def test_linux_pit_calibration_loop_sees_out2_rise_at_terminal_count():
+    """What Linux's pit_calibrate_tsc does: gate high, speaker off, mode 0, poll bit 5."""
+    b = Bench()
+    b.pit.port_b_write((b.pit.port_b_read() & ~0x02) | 0x01)
+    b.program(2, 0, 11931)                       # the 10 ms latch Linux uses
+    assert not port_b_out2(b)
+    b.clock.advance(ns_for(11930))
+    assert not port_b_out2(b)
+    b.clock.advance(ns_for(11931) - ns_for(11930))
+    assert port_b_out2(b)
+    assert b.irq == []                           # channel 2 has no interrupt line
+
+
+def test_quick_calibration_reads_the_channel2_msb_counting_down():
+    b = Bench()
+    b.pit.port_b_write(0x01)
+    b.program(2, 0, 0xFFFF)
+    msbs = []
+    for _ in range(5):
+        b.pit.read(2, 1)                          # Linux reads the LSB and throws it away
+        msbs.append(b.pit.read(2, 1))
+        b.clock.advance(ns_for(256))
+    assert msbs == [0xFF, 0xFE, 0xFD, 0xFC, 0xFB]
+
+
+def test_gate_low_pauses_mode0_and_rising_resumes_where_it_was():
+    b = Bench()
+    b.program(2, 0, 1000)
+    b.clock.advance(ns_for(300))
+    b.pit.port_b_write(0x00)
+    held = b.latch(2)
+    assert held == 700
+    b.clock.advance(ns_for(5000))
+    assert b.latch(2) == 700 and not port_b_out2(b)
+    b.pit.port_b_write(0x01)
+    b.clock.advance(ns_for(699) + 1)
+    assert not port_b_out2(b)
+    b.clock.advance(ns_for(2))
+    assert port_b_out2(b)
+
+
+def test_count_loaded_with_the_gate_low_waits_for_the_gate():
+    b = Bench()
+    b.pit.port_b_write(0x00)
+    b.program(2, 0, 500)
+    b.clock.advance(ns_for(10_000))
+    assert b.latch(2) == 500
+    b.pit.port_b_write(0x01)
+    b.clock.advance(ns_for(100))
+    assert b.latch(2) == 400
+
+
+def test_gate_low_stops_square_wave_with_out_high_and_rising_edge_reloads():
+    b = Bench()
+    b.program(2, 3, 100)
+    b.clock.advance(ns_for(70))                   # in the low half
+    assert b.pit.read(CONTROL, 1) == 0xFF
+    b.pit.write(CONTROL, 1, 0xE8)                 # read-back status of channel 2
+    assert not b.pit.read(2, 1) & 0x80
+    b.pit.port_b_write(0x00)
+    b.pit.write(CONTROL, 1, 0xE8)
+    assert b.pit.read(2, 1) & 0x80                # gate low forces OUT high
+    b.clock.advance(ns_for(1000))
+    b.pit.port_b_write(0x01)                      # the rising edge starts a new period
+    b.clock.advance(ns_for(10))
+    assert b.latch(2) == 80
+
+
+def test_mode1_one_shot_is_triggered_by_the_rising_gate_edge():
+    b = Bench()
+    b.pit.port_b_write(0x00)
+    b.program(2, 1, 50)
+    before = b.latch(2)
+    b.clock.advance(ns_for(500))
+    assert b.latch(2) == before                   # not counting until triggered
+    b.pit.port_b_write(0x01)
+    b.pit.write(CONTROL, 1, 0xE8)
+    assert not b.pit.read(2, 1) & 0x80            # OUT goes low for the shot
+    b.clock.advance(ns_for(50))
+    assert port_b_out2(b)
+
+
+def test_gate_and_port_b_survive_a_snapshot():
+    a = Bench()
+    a.program(2, 0, 1000)
+    a.clock.advance(ns_for(200))
+    a.pit.port_b_write(0x02)                      # gate low (paused at 800), speaker on
+    saved = a.pit.state()
+    b = Bench(start_ns=a.clock.now_ns())
+    b.pit.restore(saved)
+    assert b.pit.state() == saved
+    for bench in (a, b):
+        bench.pit.port_b_write(0x03)
+        bench.clock.advance(ns_for(800))
+    assert port_b_out2(a) and port_b_out2(b)
+    assert a.pit.port_b_read() == b.pit.port_b_read()

@@ -35,7 +35,8 @@ BOOT_CHOICES = ("auto", "pvh", "bzimage")
 # paths (SMAP's clac/stac on every user copy) or cannot run at all (XSAVE).
 LINUX_PLATFORM_OPTIONS = (
     "console=ttyS0", "earlycon=uart8250,io,0x3f8", "nolapic", "noapic", "no-kvmclock", "mitigations=off",
-    "pci=off", "clearcpuid=xsave,smap,pku,avx,avx2,avx512f", "cryptomgr.notests", "reboot=a",
+    "pci=off", "clearcpuid=xsave,smap,pku,avx,avx2,avx512f,ssse3,sse4_1,sse4_2,aes,pclmulqdq,sha_ni",
+    "cryptomgr.notests", "reboot=a",
     "i8042.noaux", "i8042.nokbd",
 )
 

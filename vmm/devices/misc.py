@@ -7,7 +7,9 @@ Invariants:
 * ``PostCode`` reads back the last byte written; writes have no other
   effect, so guests may use port 0x80 as an I/O delay.
 * ``I8042`` never has data for the guest (output buffer empty, data port
-  reads 0); its only effect is the reset line.
+  reads 0); its only effect is the reset line.  Port 0x61 inside its range
+  is the system control port B, which belongs to the PIT (channel 2's gate
+  and OUT) and is passed to it.
 * ``DebugExit`` calls ``exit`` for 8-bit writes only and reads as a port
   nobody claims.
 """
@@ -20,6 +22,7 @@ POST_PORT_COUNT = 1      # port 0x80
 
 I8042_PORT_COUNT = 5     # ports 0x60..0x64
 I8042_DATA = 0           # 0x60
+I8042_PORT_B = 1         # 0x61: system control port B (the PIT's channel 2 gate and OUT)
 I8042_COMMAND = 4        # 0x64: status on read, command on write
 I8042_STATUS_SYSTEM = 0x04      # self-test passed
 I8042_STATUS_LAST_COMMAND = 0x08  # the last write went to the command port
@@ -67,23 +70,30 @@ class PostCode:
 class I8042:
     """The keyboard controller, only as far as a PC's reset line needs it.
 
-    Ports 0x61..0x63 (offsets 1..3) read 0 and ignore writes: 0x61 is the
-    system control port, and 0 there means no NMI reason and speaker off.
+    Port 0x61 (offset 1) goes to ``port_b_read``/``port_b_write`` (the PIT's
+    system control port B); 0x62 and 0x63 read 0 and ignore writes.
     """
 
-    def __init__(self, reset: Callable[[], None]) -> None:
+    def __init__(self, reset: Callable[[], None], port_b_read: Callable[[], int] = lambda: 0,
+                 port_b_write: Callable[[int], None] = lambda value: None) -> None:
         self._reset = reset
+        self._port_b_read = port_b_read
+        self._port_b_write = port_b_write
         self._last_write_command = True
 
     def read(self, offset: int, size: int) -> int:
         if offset == I8042_COMMAND:
             return (I8042_STATUS_SYSTEM | I8042_STATUS_UNLOCKED
                     | (I8042_STATUS_LAST_COMMAND if self._last_write_command else 0))
+        if offset == I8042_PORT_B:
+            return self._port_b_read()
         return 0
 
     def write(self, offset: int, size: int, value: int) -> None:
         value &= 0xFF
-        if offset == I8042_DATA:
+        if offset == I8042_PORT_B:
+            self._port_b_write(value)
+        elif offset == I8042_DATA:
             self._last_write_command = False
         elif offset == I8042_COMMAND:
             self._last_write_command = True

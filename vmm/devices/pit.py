@@ -14,8 +14,18 @@ Invariants:
   after it, modes 2 and 3 at the end of every period.  The k-th periodic
   deadline is start_ns + ns(k * N), computed from k, so periods never drift.
   The level of OUT between edges is not driven onto the line.
-* All gates are high (channel 2's gate on port 0x61 belongs elsewhere), so
-  the gate-triggered modes 1 and 5 wait forever for a trigger.
+* Channels 0 and 1 have their gates tied high, so their gate-triggered
+  modes 1 and 5 wait forever for a trigger.  Channel 2's gate is bit 0 of
+  the PC's system control port B (0x61, ``port_b_read``/``port_b_write``):
+  gate low pauses modes 0 and 4 (they resume where they were) and stops
+  modes 2 and 3 with OUT high; a rising edge restarts modes 1, 2, 3 and 5
+  from the loaded count.  A counter paused by its gate holds its value in
+  ``held`` and the ticks it had counted in ``paused_ticks``.
+* Port B: bits 0 (channel 2 gate), 1 (speaker data enable), 2 and 3
+  (parity and channel-check enables) read back as written; bit 4 is the
+  DRAM refresh request, toggling every ``REFRESH_NS`` of virtual time;
+  bit 5 is channel 2's OUT; bits 6 and 7 (NMI sources) read 0.  At power-on
+  the gate is high (port B reads 1).
 
 Simplifications, each invisible to guests that program the PIT the usual
 way (control word, then the count):
@@ -75,6 +85,14 @@ STATUS_NULL_COUNT = 0x40
 # A port with no read function floats to all ones on the ISA bus.
 CONTROL_READ = 0xFF
 
+PORT_B_WRITABLE = 0x0F   # gate 2, speaker, parity and channel-check enables
+PORT_B_GATE2 = 0x01
+PORT_B_REFRESH = 0x10
+PORT_B_OUT2 = 0x20
+PORT_B_POWER_ON = PORT_B_GATE2
+REFRESH_NS = 15_085       # the ISA refresh request toggles every 15.085 us
+GATED = 2                 # the one channel whose gate the guest controls
+
 INITIAL_CONTROL = ACCESS_LOHI << CW_ACCESS_SHIFT | MODE_INTERRUPT_ON_TC << CW_MODE_SHIFT
 
 
@@ -98,17 +116,20 @@ class CounterState:
     read_high: bool          # next unlatched lobyte/hibyte read gives the high byte
     latched: tuple[int, ...]  # bytes of a latched count still to be read
     latched_status: Optional[int]
+    loaded: bool = False     # a count was written since the control word (a gate edge may start it)
+    paused_ticks: Optional[int] = None  # modes 0/4 with the gate low: ticks counted so far
 
 
 @dataclass(frozen=True, slots=True)
 class PitState:
     counters: tuple[CounterState, CounterState, CounterState]
     irq_deadline_ns: Optional[int]  # channel 0's next IRQ edge
+    port_b: int = PORT_B_POWER_ON   # the writable bits of port 0x61 (bit 0: channel 2's gate)
 
 
 class _Counter:
     __slots__ = ("control", "count", "start_ns", "held", "write_low", "read_high",
-                 "latched", "latched_status")
+                 "latched", "latched_status", "loaded", "paused_ticks")
 
     def __init__(self, state: CounterState) -> None:
         self.restore(state)
@@ -144,16 +165,41 @@ class _Counter:
 
     def output(self, now_ns: int) -> bool:
         mode = self.mode
-        if self.start_ns is None:
+        if self.paused_ticks is not None:
+            elapsed, n = self.paused_ticks, self.count
+        elif self.start_ns is None:
             return mode != MODE_INTERRUPT_ON_TC
-        elapsed, n = _ticks(now_ns - self.start_ns), self.count
-        if mode == MODE_INTERRUPT_ON_TC:
+        else:
+            elapsed, n = _ticks(now_ns - self.start_ns), self.count
+        if mode in (MODE_INTERRUPT_ON_TC, MODE_ONE_SHOT):
             return elapsed >= n
         if mode == MODE_RATE:
             return elapsed % n != n - 1   # low for the tick at count 1
         if mode == MODE_SQUARE:
             return elapsed % n < (n + 1) // 2
-        return elapsed != n               # mode 4: low for one tick at TC
+        return elapsed != n               # modes 4 and 5: low for one tick at TC
+
+    def gate_falls(self, now_ns: int) -> None:
+        """Modes 0/4 pause where they are; modes 2/3 stop with OUT high; 1/5 run on."""
+        if self.start_ns is None:
+            return
+        mode = self.mode
+        if mode in (MODE_INTERRUPT_ON_TC, MODE_SOFTWARE_STROBE):
+            self.held = self.value(now_ns)
+            self.paused_ticks = _ticks(now_ns - self.start_ns)
+            self.start_ns = None
+        elif mode in PERIODIC:
+            self.held = self.value(now_ns)
+            self.start_ns = None
+
+    def gate_rises(self, now_ns: int) -> None:
+        """Modes 0/4 resume; modes 1, 2, 3 and 5 (re)start from the loaded count."""
+        if self.paused_ticks is not None:
+            self.start_ns = now_ns - _ns(self.paused_ticks)
+            self.paused_ticks = None
+        elif self.loaded and self.write_low is None and self.mode not in (MODE_INTERRUPT_ON_TC,
+                                                                          MODE_SOFTWARE_STROBE):
+            self.start_ns = now_ns
 
     def status(self, now_ns: int) -> int:
         null_count = self.start_ns is None or self.write_low is not None
@@ -194,7 +240,8 @@ def _square_wave_value(n: int, phase: int) -> int:
 
 def _idle_counter() -> CounterState:
     return CounterState(control=INITIAL_CONTROL, count=COUNT_MAX, start_ns=None, held=0,
-                        write_low=None, read_high=False, latched=(), latched_status=None)
+                        write_low=None, read_high=False, latched=(), latched_status=None,
+                        loaded=False, paused_ticks=None)
 
 
 class Pit8254:
@@ -203,6 +250,7 @@ class Pit8254:
         self._irq0 = irq0
         self._counters = tuple(_Counter(_idle_counter()) for _ in range(CHANNELS))
         self._timer = clock.timer(self._fire, "pit-channel0")
+        self._port_b = PORT_B_POWER_ON
 
     def read(self, offset: int, size: int) -> int:
         if offset == CONTROL:
@@ -218,12 +266,30 @@ class Pit8254:
 
     def state(self) -> PitState:
         counters = tuple(counter.state() for counter in self._counters)
-        return PitState(counters=counters, irq_deadline_ns=self._timer.deadline_ns)
+        return PitState(counters=counters, irq_deadline_ns=self._timer.deadline_ns, port_b=self._port_b)
 
     def restore(self, state: PitState) -> None:
         for counter, saved in zip(self._counters, state.counters):
             counter.restore(saved)
+        self._port_b = state.port_b
         self._arm_irq(state.irq_deadline_ns)
+
+    # -- port 0x61, system control port B ----------------------------------
+    def port_b_read(self) -> int:
+        now = self._clock.now_ns()
+        refresh = PORT_B_REFRESH if (now // REFRESH_NS) & 1 else 0
+        out2 = PORT_B_OUT2 if self._gate2 and self._counters[GATED].output(now) else 0
+        return self._port_b | refresh | out2
+
+    def port_b_write(self, value: int) -> None:
+        was, self._port_b = self._gate2, value & PORT_B_WRITABLE
+        if was != self._gate2:
+            counter, now = self._counters[GATED], self._clock.now_ns()
+            counter.gate_rises(now) if self._gate2 else counter.gate_falls(now)
+
+    @property
+    def _gate2(self) -> bool:
+        return bool(self._port_b & PORT_B_GATE2)
 
     def _write_control(self, value: int) -> None:
         now = self._clock.now_ns()
@@ -250,6 +316,8 @@ class Pit8254:
         counter.read_high = False
         counter.latched = ()
         counter.latched_status = None
+        counter.loaded = False
+        counter.paused_ticks = None
         if channel == 0:
             self._arm_irq(None)
 
@@ -266,6 +334,7 @@ class Pit8254:
                 # Mode 0 stops counting at the first byte, OUT low.
                 counter.held = counter.value(self._clock.now_ns())
                 counter.start_ns = None
+                counter.paused_ticks = None
                 if channel == 0:
                     self._arm_irq(None)
         else:
@@ -275,8 +344,17 @@ class Pit8254:
     def _load(self, channel: int, count: int) -> None:
         counter = self._counters[channel]
         counter.count = count or COUNT_MAX
+        counter.loaded = True
+        counter.paused_ticks = None
         if counter.mode in GATE_TRIGGERED:
-            return  # waits for a gate edge that never comes
+            return  # waits for a rising gate edge (never, on channels 0 and 1)
+        if channel == GATED and not self._gate2:
+            # Gate low: modes 0/4 hold the count until it rises, 2/3 start on the edge.
+            counter.held = counter.count % COUNT_MAX
+            counter.start_ns = None
+            if counter.mode in (MODE_INTERRUPT_ON_TC, MODE_SOFTWARE_STROBE):
+                counter.paused_ticks = 0
+            return
         counter.start_ns = self._clock.now_ns()
         if channel == 0:
             self._arm_irq(self._edge_deadline(1))
