@@ -17,6 +17,14 @@
  * the exact engine, which emulates it, can replay that run; a fast-mode
  * recording of it is the test for a replay that must report a divergence
  * instead of searching forever.
+ *
+ * With "idle=N" the work is followed by N rounds of: wait (reading the
+ * PIT's channel 0, port I/O) until the next tick is less than
+ * IDLE_LEAD_COUNTS away, then hlt (interrupts on).  A tick that kicks the
+ * fast recorder out of the polling loop is moved to the loop's exit, which
+ * is the hlt: the recording gets landmarks at the hlt itself, where the
+ * interrupt is injected before the hlt runs, and a replay must deliver it
+ * there, not halt first.
  */
 #include "kernel.h"
 
@@ -57,6 +65,24 @@ __attribute__((noinline)) uint32_t busy_work_tsc(unsigned iterations)
     return x;
 }
 
+#define IDLE_LEAD_COUNTS 60        /* PIT input clocks: about 50 us before the tick */
+
+static unsigned pit_channel0_count(void)
+{
+    outb(RRSTUB_PIT + 3, 0x00);             /* latch channel 0 */
+    unsigned low = inb(RRSTUB_PIT);
+    return low | (unsigned)inb(RRSTUB_PIT) << 8;
+}
+
+__attribute__((noinline)) void poll_then_halt(unsigned rounds)
+{
+    for (unsigned r = 0; r < rounds; r++) {
+        while (pit_channel0_count() > IDLE_LEAD_COUNTS)
+            ;
+        __asm__ volatile("hlt" : : : "memory");
+    }
+}
+
 int kmain(const struct rrstub_boot_info *boot)
 {
     uart_init(0);
@@ -70,6 +96,7 @@ int kmain(const struct rrstub_boot_info *boot)
      * the recording through the hypercall port, and names a marker). */
     unsigned guest_record = cmdline_uint(boot, "guest_record", 0, 1);
     unsigned tsc = cmdline_uint(boot, "tsc", 0, 1);
+    unsigned idle = cmdline_uint(boot, "idle", 0, 100000);
 
     irq_enable();
     uint32_t result;
@@ -87,6 +114,7 @@ int kmain(const struct rrstub_boot_info *boot)
     } else {
         result = busy_work(iterations);
     }
+    poll_then_halt(idle);
     irq_disable();
 
     unsigned seen = ticks;

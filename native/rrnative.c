@@ -652,14 +652,30 @@ uint32_t rr_visited_bit(uint64_t rip)
     return (uint32_t)((rip * 0x9E3779B97F4A7C15ull) >> (64 - 12));
 }
 
-/* At the landmark's rip: whether every general register equals the landmark's. */
+/*
+ * Whether the registers are a landmark's: every general register equal, and
+ * RFLAGS equal but for AF.  AF is left undefined by shifts, logic operations
+ * and multiplies, and CPUs and KVM's instruction emulator differ there (a
+ * recording made on one host version had AF set after `shl` where the next
+ * leaves it clear); in 64-bit mode no instruction but pushf/lahf can see it.
+ */
+#define RFLAGS_AF 0x10ull
+static int landmark_regs_equal(const struct kvm_regs *a, const struct kvm_regs *b)
+{
+    struct kvm_regs x = *a, y = *b;
+    x.rflags &= ~RFLAGS_AF;
+    y.rflags &= ~RFLAGS_AF;
+    return memcmp(&x, &y, sizeof x) == 0;
+}
+
+/* At the landmark's rip: whether the registers are the landmark's. */
 static int landmark_reached(int fd, struct rr_step_ctl *c)
 {
     struct kvm_regs regs;
     c->landmark_hits++;
     if (ioctl(fd, KVM_GET_REGS, &regs) < 0)
         return -errno;
-    if (memcmp(&regs, c->landmark, sizeof regs) == 0)
+    if (landmark_regs_equal(&regs, c->landmark))
         return 1;
     if (c->landmark_last)
         memcpy(c->landmark_last, &regs, sizeof regs);
@@ -882,7 +898,7 @@ int rr_run_to_regs(int vcpu_fd, void *run_area, const void *want_regs, int step_
             r = -errno;
             break;
         }
-        if (memcmp(&regs, want, sizeof regs) == 0) {
+        if (landmark_regs_equal(&regs, want)) {
             result = RR_LANDMARK_MATCH;
         } else {
             memcpy(last_regs, &regs, sizeof regs);

@@ -1009,25 +1009,25 @@ def replay(path: str, *, until: Optional[int] = None, speed: Optional[float] = N
                 machine.serial_out.flush()
             end = source.end
             if outcome.reason in GUEST_ENDS and end is None:
-                raise Divergence(outcome.position,
+                raise Divergence(outcome.position, engine.divergence_words(
                                  f"the guest's {outcome.reason} (status {outcome.status}) at "
                                  f"{place(engine.unit, outcome.position)} is not where the recording ends "
-                                 f"(next recorded: {describe_entry(source.peek())})",
+                                 f"(next recorded: {describe_entry(source.peek())})"),
                                  engine.last_match, engine.unit)
             verified = False
             if outcome.reason not in ("until", "incomplete", "interrupted") and end is not None:
                 if (outcome.reason, engine.log_pos) != (end.reason, end.pos) or (
                         outcome.reason == "exit" and outcome.status != end.status):
-                    raise Divergence(outcome.position,
+                    raise Divergence(outcome.position, engine.divergence_words(
                                      f"the run ended with {outcome.reason} (status {outcome.status}) at "
                                      f"{place(engine.unit, outcome.position)}; the recording ended with "
-                                     f"{end.reason} (status {end.status}) at {place(engine.log_unit, end.pos)}",
+                                     f"{end.reason} (status {end.status}) at {place(engine.log_unit, end.pos)}"),
                                      engine.last_match, engine.unit)
                 summary = rec.summary or {}
                 if start is None and summary.get("serial_sha256") and summary["serial_sha256"] != out.hash.hexdigest():
-                    raise Divergence(outcome.position,
+                    raise Divergence(outcome.position, engine.divergence_words(
                                      f"the guest's serial output differs from the recording "
-                                     f"({out.count} bytes replayed, {summary.get('serial_bytes')} recorded)",
+                                     f"({out.count} bytes replayed, {summary.get('serial_bytes')} recorded)"),
                                      engine.last_match, engine.unit)
                 verified = True
             return ReplayResult(outcome, rec, out.count, out.hash.hexdigest(), verified,

@@ -56,10 +56,13 @@ COM1, COM1_IRQ = 0x3F8, 4
 DEFAULT_MEM = 64 << 20
 RAM_SLOT = 0
 # The devices whose state a marker holds (attribute names on Machine).
-DEVICE_NAMES = ("pic", "pit", "rtc", "serial", "i8042", "post", "debug_exit", "acpi_pm")
-# Devices added after recordings were made: a marker without one restores it
-# to its power-on state (which is what those guests saw: ports nobody claimed).
-LATER_DEVICES = ("acpi_pm",)
+DEVICE_NAMES = ("pic", "pit", "port_b", "rtc", "serial", "i8042", "post", "debug_exit", "acpi_pm")
+# Devices added after recordings were made.  A marker holds one only once the
+# guest has moved it from its power-on state, so a guest that never touches
+# it has the machine state (and marker digests) it had before the device
+# existed; a marker without one restores it to power-on (port_b after pit,
+# whose channel 2 it completes).
+LATER_DEVICES = ("port_b", "acpi_pm")
 RECENT_EXITS = 16
 REPAIR_REFRESH_NS = 250_000_000   # how often the live loop re-reads the guest's page-fault entry
 
@@ -260,6 +263,7 @@ class Machine:
         self.bus.insert(self.pit, PIT_BASE, 4)
         self.i8042 = I8042(self._on_reset, self.pit.port_b_read, self.pit.port_b_write)
         self.acpi_pm = AcpiPm(self._on_power_off)
+        self.port_b = self.pit.port_b
         self.post = PostCode()
         self.debug_exit = DebugExit(self._on_debug_exit)
         self.bus.insert(self.i8042, I8042_BASE, 5)
@@ -302,14 +306,18 @@ class Machine:
     # -- device state (markers) --------------------------------------------
     def device_states(self) -> dict:
         """Every device's state, by name: the device half of a marker."""
-        return {name: getattr(self, name).state() for name in DEVICE_NAMES}
+        states = {name: getattr(self, name).state() for name in DEVICE_NAMES}
+        for name in LATER_DEVICES:
+            if states[name] == self._power_on[name]:
+                del states[name]
+        return states
 
     def restore_devices(self, states: dict) -> None:
         missing = [name for name in DEVICE_NAMES if name not in states and name not in LATER_DEVICES]
         if missing:
             raise ValueError(f"device state lacks {', '.join(missing)}")
         for name in DEVICE_NAMES:
-            getattr(self, name).restore(states.get(name) or self._power_on[name])
+            getattr(self, name).restore(states[name] if name in states else self._power_on[name])
         self._intr = self.pic.has_interrupt()
         self._window_requested = False
         self.vcpu.request_interrupt_window(False)

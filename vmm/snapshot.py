@@ -28,7 +28,7 @@ import importlib
 import pkgutil
 import struct
 import zlib
-from dataclasses import MISSING, fields, is_dataclass
+from dataclasses import fields, is_dataclass
 from typing import Iterable, Union
 
 from vmm._native import lib
@@ -388,10 +388,8 @@ def _decode_value(r: Reader, depth: int):
         for _ in range(n):
             field_name = _decode_name(r, _U8)
             values[field_name] = _decode_value(r, depth + 1)
-        # A field added later has a default, so a state saved before it loads.
         expected = [f.name for f in fields(cls)]
-        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
-        if (len(values) != n or not set(required) <= set(values) <= set(expected)):
+        if sorted(values) != sorted(expected) or len(values) != n:
             raise SnapshotError(f"{r.what}: {name} has fields {sorted(values)}, this rrstub's "
                                 f"has {sorted(expected)}")
         return cls(**values)

@@ -46,6 +46,7 @@ FLUSH_CHECK_EVERY = 4096            # exact recording: look at the flush clock t
 FLUSH_BYTES = 256 << 10
 DEFAULT_MARKER_EVERY_NS = 1_000_000_000
 NEVER = (1 << 63) - 1
+RFLAGS_AF = 1 << 4
 RFLAGS_IF = 0x200
 RETRY_NS = 100_000                  # fast engine: a kick that could not make a landmark retries after this
 RELOCATE_NS = 100_000               # fast recording: host time a loop may take to end before a landmark
@@ -325,8 +326,13 @@ class Engine:
         for n in ("cr0", "cr2", "cr3", "cr4", "efer"):
             if getattr(saved.vcpu.sregs, n) != getattr(sregs, n):
                 diffs.append(f"{n}: recorded {getattr(saved.vcpu.sregs, n):#x}, replay {getattr(sregs, n):#x}")
+        if (saved.vcpu.regs.rflags ^ regs.rflags) == RFLAGS_AF and len(diffs) == 1:
+            diffs[0] += (" (only AF, which shifts and logic operations leave undefined: this host's CPU "
+                         "or KVM emulator sets it differently from the recording's host, and a recording "
+                         "does not replay across such hosts)")
         devices = m.device_states()
-        diffs += [f"device {name} state differs" for name in devices if devices[name] != saved.devices.get(name)]
+        diffs += [f"device {name} state differs" for name in sorted(set(devices) | set(saved.devices))
+                  if devices.get(name) != saved.devices.get(name)]
         if not diffs:
             scratch = bytearray(m.mem.view[:])
             snapshot.apply_pages(scratch, saved.pages)
@@ -422,8 +428,12 @@ class Engine:
             return Outcome(e.reason, e.status, self.position, self.guest_now(), e.detail)
         return Outcome("incomplete", 0, self.position, self.guest_now())
 
+    def divergence_words(self, what: str) -> str:
+        """A divergence report's text, with what this engine knows of the likely cause."""
+        return what
+
     def _diverged(self, what: str):
-        raise Divergence(self.position, what, self.last_match, self.unit)
+        raise Divergence(self.position, self.divergence_words(what), self.last_match, self.unit)
 
     def verify_check(self, check: tuple[int, int]) -> None:
         regs = self.machine.vcpu.get_regs()

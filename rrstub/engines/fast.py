@@ -92,11 +92,23 @@ class TightLoops:
         return None
 
 
+# Said with every divergence of a fast replay: what it most likely is, and what to do.
+HOST_READS = ("The guest's state depends on something fast mode cannot replay on this host: "
+              "at guest CPL0, rdtsc, rdtscp, rdrand, rdseed and cpuid run on the host CPU (Linux "
+              "reads the TSC all the time, rdtsc the likely cause). Record such a guest with "
+              "--mode exact, which emulates them")
+
+
 class FastLog:
     """What replaying a fast log needs, whether the guest runs freely (``FastEngine``) or is
     stepped (``faststep.FastStepEngine``): clock values from the log at exits, landmarks as
     registers plus the hash of the pages written since the last recorded marker
     (``DirtyTracker.marked``), and the report of a landmark that cannot be found."""
+
+    def divergence_words(self, what: str) -> str:
+        if HOST_READS in what or "(only AF," in what:
+            return what
+        return f"{what}. {HOST_READS}"
 
     def settle(self) -> None:
         vcpu = self.machine.vcpu
@@ -164,9 +176,7 @@ class FastLog:
         else:
             seen = f"the guest never reached rip {rip:#x}"
         return (f"replay did not find the landmark at {place(self.log_unit, p.pos)} within {budget_ns / 1e9:.1f} s: "
-                f"{seen}. The guest's state depends on something fast mode cannot replay on this host: "
-                "at guest CPL0, rdtsc, rdtscp, rdrand, rdseed and cpuid run on the host CPU. "
-                "Record such a guest with --mode exact, which emulates them")
+                f"{seen}. {HOST_READS}")
 
 
 class FastEngine(FastLog, Engine):

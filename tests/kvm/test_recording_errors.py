@@ -26,6 +26,7 @@ import pytest
 
 from conftest import ROOT, marker_every, rrstub
 from rrstub.engines import place
+from rrstub.engines.fast import HOST_READS
 from rrstub import events as ev
 from rrstub.recording import (HEADER_SIZE, TRAILER_SIZE, ChunkInfo, ChunkKind, Recording,
                               RecordingError, RecordingWriter)
@@ -556,7 +557,7 @@ def test_a_wrong_recorded_exit_status_is_a_divergence_at_the_end(recordings, tmp
     position, what, last = diverged(r, "exit")
     assert position == edit.old.pos
     assert what == (f"the run ended with exit (status 0) at exit #{position}; the recording ended with "
-                    f"exit (status 3) at exit #{position}")
+                    f"exit (status 3) at exit #{position}. {HOST_READS}")
     assert last == (edit.previous_check.pos if edit.previous_check else 0)
 
 
@@ -566,7 +567,8 @@ def test_a_wrong_serial_hash_is_a_divergence(recordings, tmp_path):
     r = rrstub("replay", str(tmp_path / "bad.rrr"))
     position, what, _ = diverged(r, "exit")
     n = len(made.stdout)
-    assert what == f"the guest's serial output differs from the recording ({n} bytes replayed, {n} recorded)"
+    assert what == (f"the guest's serial output differs from the recording ({n} bytes replayed, {n} recorded). "
+                    f"{HOST_READS}")
     assert r.stdout == made.stdout
 
 

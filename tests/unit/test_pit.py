@@ -355,10 +355,12 @@ def test_gate_and_port_b_survive_a_snapshot():
     a.program(2, 0, 1000)
     a.clock.advance(ns_for(200))
     a.pit.port_b_write(0x02)                      # gate low (paused at 800), speaker on
-    saved = a.pit.state()
+    saved, saved_b = a.pit.state(), a.pit.port_b.state()
+    assert saved_b.paused_ticks == 200 and saved_b.loaded
     b = Bench(start_ns=a.clock.now_ns())
     b.pit.restore(saved)
-    assert b.pit.state() == saved
+    b.pit.port_b.restore(saved_b)                 # after the PIT: it completes channel 2
+    assert (b.pit.state(), b.pit.port_b.state()) == (saved, saved_b)
     for bench in (a, b):
         bench.pit.port_b_write(0x03)
         bench.clock.advance(ns_for(800))

@@ -36,7 +36,7 @@ BOOT_CHOICES = ("auto", "pvh", "bzimage")
 LINUX_PLATFORM_OPTIONS = (
     "console=ttyS0", "earlycon=uart8250,io,0x3f8", "nolapic", "noapic", "no-kvmclock", "mitigations=off",
     "pci=off", "clearcpuid=xsave,smap,pku,avx,avx2,avx512f,ssse3,sse4_1,sse4_2,aes,pclmulqdq,sha_ni",
-    "cryptomgr.notests", "reboot=a",
+    "cryptomgr.notests", "reboot=a", "panic=-1",
     "i8042.noaux", "i8042.nokbd",
 )
 

@@ -20,7 +20,11 @@ Invariants:
   gate low pauses modes 0 and 4 (they resume where they were) and stops
   modes 2 and 3 with OUT high; a rising edge restarts modes 1, 2, 3 and 5
   from the loaded count.  A counter paused by its gate holds its value in
-  ``held`` and the ticks it had counted in ``paused_ticks``.
+  ``held`` and the ticks it had counted in ``paused_ticks``.  What the gate
+  needs beyond ``PitState`` (port B's bits, channel 2's ``loaded`` and
+  ``paused_ticks``) is the separate ``PortBState``, so that the state of a
+  machine whose guest never touches port 0x61 is what it was before port B
+  existed (markers made then stay comparable).
 * Port B: bits 0 (channel 2 gate), 1 (speaker data enable), 2 and 3
   (parity and channel-check enables) read back as written; bit 4 is the
   DRAM refresh request, toggling every ``REFRESH_NS`` of virtual time;
@@ -116,15 +120,23 @@ class CounterState:
     read_high: bool          # next unlatched lobyte/hibyte read gives the high byte
     latched: tuple[int, ...]  # bytes of a latched count still to be read
     latched_status: Optional[int]
-    loaded: bool = False     # a count was written since the control word (a gate edge may start it)
-    paused_ticks: Optional[int] = None  # modes 0/4 with the gate low: ticks counted so far
 
 
 @dataclass(frozen=True, slots=True)
 class PitState:
     counters: tuple[CounterState, CounterState, CounterState]
     irq_deadline_ns: Optional[int]  # channel 0's next IRQ edge
-    port_b: int = PORT_B_POWER_ON   # the writable bits of port 0x61 (bit 0: channel 2's gate)
+
+
+@dataclass(frozen=True, slots=True)
+class PortBState:
+    bits: int                     # the writable bits of port 0x61 (bit 0: channel 2's gate)
+    loaded: bool                  # a channel 2 count was written since its control word
+    paused_ticks: Optional[int]   # channel 2 in mode 0/4 held by a low gate: ticks counted so far
+
+
+PORT_B_AT_POWER_ON = PortBState(bits=PORT_B_POWER_ON, loaded=False, paused_ticks=None)
+_STORED = tuple(f for f in CounterState.__dataclass_fields__)
 
 
 class _Counter:
@@ -135,11 +147,12 @@ class _Counter:
         self.restore(state)
 
     def restore(self, state: CounterState) -> None:
-        for name in self.__slots__:
+        for name in _STORED:
             setattr(self, name, getattr(state, name))
+        self.loaded, self.paused_ticks = False, None    # channel 2's come from PortBState
 
     def state(self) -> CounterState:
-        return CounterState(**{name: getattr(self, name) for name in self.__slots__})
+        return CounterState(**{name: getattr(self, name) for name in _STORED})
 
     @property
     def access(self) -> int:
@@ -240,8 +253,7 @@ def _square_wave_value(n: int, phase: int) -> int:
 
 def _idle_counter() -> CounterState:
     return CounterState(control=INITIAL_CONTROL, count=COUNT_MAX, start_ns=None, held=0,
-                        write_low=None, read_high=False, latched=(), latched_status=None,
-                        loaded=False, paused_ticks=None)
+                        write_low=None, read_high=False, latched=(), latched_status=None)
 
 
 class Pit8254:
@@ -251,6 +263,7 @@ class Pit8254:
         self._counters = tuple(_Counter(_idle_counter()) for _ in range(CHANNELS))
         self._timer = clock.timer(self._fire, "pit-channel0")
         self._port_b = PORT_B_POWER_ON
+        self.port_b = PortB(self)       # its state, for markers (vmm.machine's "port_b")
 
     def read(self, offset: int, size: int) -> int:
         if offset == CONTROL:
@@ -266,13 +279,21 @@ class Pit8254:
 
     def state(self) -> PitState:
         counters = tuple(counter.state() for counter in self._counters)
-        return PitState(counters=counters, irq_deadline_ns=self._timer.deadline_ns, port_b=self._port_b)
+        return PitState(counters=counters, irq_deadline_ns=self._timer.deadline_ns)
 
     def restore(self, state: PitState) -> None:
+        """Restore ``port_b`` after this: it holds channel 2's gate state."""
         for counter, saved in zip(self._counters, state.counters):
             counter.restore(saved)
-        self._port_b = state.port_b
         self._arm_irq(state.irq_deadline_ns)
+
+    def port_b_state(self) -> PortBState:
+        counter = self._counters[GATED]
+        return PortBState(bits=self._port_b, loaded=counter.loaded, paused_ticks=counter.paused_ticks)
+
+    def restore_port_b(self, state: PortBState) -> None:
+        counter = self._counters[GATED]
+        self._port_b, counter.loaded, counter.paused_ticks = state.bits, state.loaded, state.paused_ticks
 
     # -- port 0x61, system control port B ----------------------------------
     def port_b_read(self) -> int:
@@ -384,3 +405,16 @@ class Pit8254:
             self._arm_irq(self._edge_deadline(elapsed // counter.count + 1))
         self._irq0(True)
         self._irq0(False)
+
+
+class PortB:
+    """Port B's part of the machine state, as a device of its own: ``Pit8254.port_b``."""
+
+    def __init__(self, pit: Pit8254) -> None:
+        self._pit = pit
+
+    def state(self) -> PortBState:
+        return self._pit.port_b_state()
+
+    def restore(self, state: PortBState) -> None:
+        self._pit.restore_port_b(state)
