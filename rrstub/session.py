@@ -482,8 +482,9 @@ def _run_recording(engine: Engine, machine: Machine, output_of: Callable[[], "Re
 def _flush_while_stepping(engine: Engine) -> None:
     """Exact recording: look at the log's flush clock every FLUSH_CHECK_EVERY instructions.
 
-    Its points are sparse in host time (a sync every 50 ms of guest time can
-    be seconds of stepping), and a killed recorder keeps only what reached
+    Its points can be sparse in host time (a guest that takes no interrupt
+    and does no I/O logs only a sync each millisecond of guest time, which
+    stepping may stretch far), and a killed recorder keeps only what reached
     the file.  The engine's boundary hook reads ``engine.sink`` when it
     runs, so a guest-controlled recording that switches logs is covered.
     """

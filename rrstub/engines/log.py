@@ -7,7 +7,10 @@ log) gives the recording's entries in order, with one entry of look-ahead.
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import signal
+import threading
+from typing import Iterator, Optional
 
 from rrstub import events as ev
 from rrstub.engines.base import FLUSH_BYTES, FLUSH_INTERVAL_NS, GUEST_ENDS, IDLE_FLUSH_INTERVAL_NS, NEVER
@@ -44,10 +47,33 @@ class LogSink:
             self.flush(position)
 
     def flush(self, position: int) -> None:
-        """Write what is buffered as one chunk covering the log up to ``position``."""
-        first, count, payload = self.encoder.take()
-        self.writer.add_events(position if first is None else first, position, count, payload)
+        """Write what is buffered as one chunk covering the log up to ``position``.
+
+        Ctrl-C and SIGTERM wait until the chunk is written: their handlers
+        raise in this thread, and one that came between taking the entries
+        and writing them would lose them (a finished recording whose log
+        begins at its End).
+        """
+        with signals_held():
+            first, count, payload = self.encoder.take()
+            self.writer.add_events(position if first is None else first, position, count, payload)
         self.last_flush = host_monotonic_ns()
+
+
+_HELD = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM arrive after the block, not inside it (main thread; elsewhere they never run)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 class LogSource:

@@ -81,3 +81,33 @@ def test_random_bytes_either_decode_or_raise_log_error():
             list(ev.decode_events(data))
         except ev.LogError:
             pass
+
+
+def test_sigterm_during_a_flush_waits_until_the_chunk_is_written():
+    """A SIGTERM handler raises in the main thread; between taking the buffered
+    entries and writing them it would lose them (seen: a recording whose log began at its End)."""
+    import os
+    import signal
+
+    from rrstub.engines.log import LogSink
+    from rrstub.session import Terminated
+
+    written = []
+
+    class Writer:
+        def add_events(self, first, last, count, payload):
+            os.kill(os.getpid(), signal.SIGTERM)      # arrives while the chunk is being written
+            written.append((first, last, count, payload))
+
+    sink = LogSink(Writer())
+    sink.emit(ev.Check(12, 1 << 16 | 0x3F9, 0x100000, 7))
+    previous = signal.signal(signal.SIGTERM, Terminated.handler)
+    try:
+        with pytest.raises(Terminated):
+            sink.flush(12)
+            for _ in range(1000):                     # the handler runs at the next bytecodes
+                pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert len(written) == 1 and written[0][2] == 1
+    assert [e.pos for e in ev.decode_events(written[0][3])] == [12]
