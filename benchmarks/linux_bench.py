@@ -68,7 +68,7 @@ def live_boot(kernel: Path, timeout: float) -> None:
 def exact_record(kernel: Path, path: Path, seconds: float) -> dict:
     subprocess.run(rrstub("record", str(kernel), "--initrd", str(INITRD), "--mode", "exact", "-o", str(path),
                           "--force", "-q", "--serial-out", "/dev/null", "--timeout", f"{seconds:.1f}"),
-                   cwd=ROOT, check=False, stdin=subprocess.DEVNULL)
+                   cwd=ROOT, check=False, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     info = subprocess.run(rrstub("info", str(path), "--json"), cwd=ROOT, capture_output=True, check=True)
     return json.loads(info.stdout)
 

@@ -245,8 +245,11 @@ def _add_boot_options(p: argparse.ArgumentParser) -> None:
                         "(console=ttyS0 nolapic noapic ...; they are printed at boot)")
     p.add_argument("--clock-rate", type=_bounded("a rate", 0.01, 1000.0), default=1.0, metavar="FACTOR",
                    help="the guest's clock runs FACTOR times as fast as the host's (exact mode: as the "
-                        "nominal instruction rate). A slow emulated guest spends less of its time in "
-                        "timer interrupts with 10 (default 1)")
+                        "nominal instruction rate; --timeout stays in host seconds). Timer ticks come "
+                        "FACTOR times as often per host second: where guest code is emulated and every "
+                        "tick costs thousands of instructions, a factor above 1 can leave the guest "
+                        "doing little but ticks (Linux stalls at 10 here), below 1 it takes fewer "
+                        "(default 1)")
 
 
 def _open_boot(args: argparse.Namespace):

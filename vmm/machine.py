@@ -357,7 +357,9 @@ class Machine:
         """Run until the guest exits or resets; raise MachineError otherwise."""
         vcpu, clock = self.vcpu, self.clock
         vcpu.attach_kicks()
-        end_ns = self._end_ns = None if timeout is None else clock.now_ns() + int(timeout * 1e9)
+        # --timeout is host seconds; a live clock may run faster or slower (--clock-rate).
+        end_ns = self._end_ns = (None if timeout is None
+                                 else clock.now_ns() + int(timeout * 1e9 * getattr(clock, "rate", 1.0)))
         handlers = self.handlers
         to_host_ns = clock.to_host_ns
         recent = self.recent_exits
