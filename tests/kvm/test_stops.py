@@ -178,20 +178,29 @@ def test_read_watchpoint_stops_after_each_load(race):
     assert stops == loads
 
 
-def test_a_delivery_is_never_blamed_for_the_interrupted_instructions_read(race):
+def test_a_delivery_is_never_blamed_for_the_interrupted_instructions_read(race, kernels, tmp_path):
+    # Where the ticks land follows host timing: a recording in which none came before an
+    # instruction that reads memory has nothing to test, so record longer ones (up to two).
     path, lines, _ = race
     tried = 0
-    with Timeline(str(path)) as t:
-        for x in (x for x in lines if "interrupt" in x):
-            t.goto(x["pos"])                  # the interrupt is about to be delivered
-            reads = [(a, n) for a, n, how in t._decode_next() if how & READ]
-            if not reads:
-                continue                      # the interrupted instruction reads no memory
-            tried += 1
-            t.add_watch("read", *reads[0])
-            stop = t.cont()
-            t.remove_watch("read", *reads[0])
-            assert stop.kind == "watch" and "interrupt" not in lines[stop.position - 1], (x, stop)
-            if tried == 5:
-                break
-    assert tried, "no interrupt came before an instruction that reads memory"
+    for attempt in range(3):
+        if attempt:
+            folder = tmp_path / f"again{attempt}"
+            folder.mkdir()
+            path, lines = record_and_trace(kernels / "race.elf", folder, "--cmdline", "increments=2000")
+        with Timeline(str(path)) as t:
+            for x in (x for x in lines if "interrupt" in x):
+                t.goto(x["pos"])                  # the interrupt is about to be delivered
+                reads = [(a, n) for a, n, how in t._decode_next() if how & READ]
+                if not reads:
+                    continue                      # the interrupted instruction reads no memory
+                tried += 1
+                t.add_watch("read", *reads[0])
+                stop = t.cont()
+                t.remove_watch("read", *reads[0])
+                assert stop.kind == "watch" and "interrupt" not in lines[stop.position - 1], (x, stop)
+                if tried == 5:
+                    break
+        if tried:
+            break
+    assert tried, "in 3 recordings no interrupt came before an instruction that reads memory"
