@@ -86,8 +86,11 @@ class LiveRun:
     def stop(self) -> str:
         if self.proc.poll() is None:
             self.proc.kill()
-        _, err = self.proc.communicate(timeout=30)
-        self._reader.join(5)
+        self.proc.wait(30)
+        self._reader.join(10)                   # reads to EOF: the console is closed after it
+        err = self.proc.stderr.read()
+        self.proc.stdout.close()
+        self.proc.stderr.close()
         return err.decode(errors="replace")
 
 
