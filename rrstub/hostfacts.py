@@ -68,9 +68,8 @@ def host_facts(kvm_path: Optional[str] = None, refresh: bool = False) -> HostFac
         ss3, _ = probe_singlestep(kvm, cpl3=True)
         hw = probe_hw_breakpoint(kvm)
         rate = measure_cpl0_rate(kvm)
-        syscall = probe_syscall_privilege(kvm)
-    facts = HostFacts(ss0.works, ss3.works, hw.works, rate, step_us,
-                      syscall_keeps_user_cs=not syscall.works and "left CS" in syscall.detail)
+        _, keeps_user_cs = probe_syscall_privilege(kvm)
+    facts = HostFacts(ss0.works, ss3.works, hw.works, rate, step_us, syscall_keeps_user_cs=keeps_user_cs)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")

@@ -19,6 +19,7 @@ from vmm import boot
 from vmm.kvm import (Debug, default_kvm_path, Interrupted, InternalError, IoOut, Kvm, Shutdown, Vcpu,
                      host_monotonic_ns)
 from vmm.memory import GuestMemory
+from vmm.syscallfix import MSR_FMASK, MSR_LSTAR, MSR_STAR
 from vmm._native import lib
 
 CODE_BASE = 0x100000
@@ -233,15 +234,15 @@ def probe_dr7_watchpoint(kvm: Kvm) -> ProbeResult:
         return ProbeResult(False, _describe(exit))
 
 
-MSR_EFER, MSR_STAR, MSR_LSTAR, MSR_FMASK = 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000084
 EFER_SCE = 1 << 0
 SYSCALL = b"\x0f\x05"
 MOV_EAX_CS = b"\x8c\xc8"                    # mov eax, cs
 PROBE_KERNEL_CS = 0x08                       # STAR[47:32]: the CS (and CS + 8 the SS) syscall loads
 
 
-def probe_syscall_privilege(kvm: Kvm) -> ProbeResult:
-    """Does ``syscall`` from CPL3 load the kernel's CS and SS from STAR?
+def probe_syscall_privilege(kvm: Kvm) -> tuple[ProbeResult, bool]:
+    """Does ``syscall`` from CPL3 load the kernel's CS and SS from STAR?  Also: whether it
+    left them at user privilege, the host bug ``vmm.syscallfix`` repairs.
 
     User code executes syscall into a handler that writes CS to the probe
     port.  On a correct CPU the handler runs at CPL0 with STAR's selector
@@ -264,15 +265,15 @@ def probe_syscall_privilege(kvm: Kvm) -> ProbeResult:
         if isinstance(exit, IoOut) and exit.port == PROBE_PORT:
             cs = int.from_bytes(exit.data, "little") & 0xFFFF
             if cs == PROBE_KERNEL_CS:
-                return ProbeResult(True, f"syscall from CPL3 loads the kernel CS from STAR ({cs:#x})")
-            return ProbeResult(False, f"syscall from CPL3 loaded CS {cs:#x}, not STAR's {PROBE_KERNEL_CS:#x}")
+                return ProbeResult(True, f"syscall from CPL3 loads the kernel CS from STAR ({cs:#x})"), False
+            return ProbeResult(False, f"syscall from CPL3 loaded CS {cs:#x}, not STAR's {PROBE_KERNEL_CS:#x}"), False
         if isinstance(exit, Shutdown):
             regs, sregs = p.vcpu.get_regs(), p.vcpu.get_sregs()
             if regs.rip == out_at and sregs.cs.dpl == 3:
                 return ProbeResult(False, f"syscall from CPL3 left CS at {sregs.cs.selector:#x} (DPL 3), not "
                                           f"STAR's {PROBE_KERNEL_CS:#x}: the kernel's syscall entry runs at "
-                                          "user privilege")
-        return ProbeResult(False, f"the syscall probe did not report: {_describe(exit)}")
+                                          "user privilege"), True
+        return ProbeResult(False, f"the syscall probe did not report: {_describe(exit)}"), False
 
 
 def probe_cpuid_masking(kvm: Kvm) -> ProbeResult:
@@ -388,7 +389,7 @@ def probe_host(path: str | None = None, progress=lambda msg: None) -> HostReport
         cpuid = probe_cpuid_masking(kvm)
         pmu = probe_pmu(kvm)
         progress("syscall from user mode")
-        syscall = probe_syscall_privilege(kvm)
+        syscall, keeps_user_cs = probe_syscall_privilege(kvm)
         progress("CPL0 instruction rate")
         rate = measure_cpl0_rate(kvm)
         progress("port-I/O exit cost")
@@ -397,7 +398,7 @@ def probe_host(path: str | None = None, progress=lambda msg: None) -> HostReport
         if rate < 50e6:
             notes.append("guest kernel code runs emulated (far below native speed): single-stepping "
                          "costs only a few times the execution itself here")
-        if not syscall.works:
+        if keeps_user_cs:
             notes.append("a user-mode syscall does not reach CPL0 here: `rrstub run` of Linux finishes "
                          "each one at the guest's page-fault entry (hardware breakpoint)")
         if not cpuid.works:

@@ -54,11 +54,11 @@ class SyscallRepair:
         self.armed_at: Optional[int] = None
         self.repairs = 0
 
-    def _arm(self, flags: int = 0) -> None:
+    def _arm(self) -> None:
         if self.armed_at is None:
-            self.vcpu.set_guest_debug(flags)
+            self.vcpu.set_guest_debug(0)
         else:
-            self.vcpu.set_guest_debug(lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_USE_HW_BP | flags,
+            self.vcpu.set_guest_debug(lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_USE_HW_BP,
                                       [self.armed_at, 0, 0, 0, 0, 0, 0, DR7_L0])
 
     def refresh(self) -> None:

@@ -47,6 +47,10 @@ FLUSH_BYTES = 256 << 10
 DEFAULT_MARKER_EVERY_NS = 1_000_000_000
 NEVER = (1 << 63) - 1
 RFLAGS_AF = 1 << 4
+# Said of a marker mismatch in AF alone (a fast replay then gives no other likely cause).
+AF_ONLY = ("(only AF, which shifts and logic operations leave undefined: this host's CPU or KVM "
+           "emulator sets it differently from the recording's host, and a recording does not replay "
+           "across such hosts)")
 RFLAGS_IF = 0x200
 RETRY_NS = 100_000                  # fast engine: a kick that could not make a landmark retries after this
 RELOCATE_NS = 100_000               # fast recording: host time a loop may take to end before a landmark
@@ -327,9 +331,7 @@ class Engine:
             if getattr(saved.vcpu.sregs, n) != getattr(sregs, n):
                 diffs.append(f"{n}: recorded {getattr(saved.vcpu.sregs, n):#x}, replay {getattr(sregs, n):#x}")
         if (saved.vcpu.regs.rflags ^ regs.rflags) == RFLAGS_AF and len(diffs) == 1:
-            diffs[0] += (" (only AF, which shifts and logic operations leave undefined: this host's CPU "
-                         "or KVM emulator sets it differently from the recording's host, and a recording "
-                         "does not replay across such hosts)")
+            diffs[0] += f" {AF_ONLY}"
         devices = m.device_states()
         diffs += [f"device {name} state differs" for name in sorted(set(devices) | set(saved.devices))
                   if devices.get(name) != saved.devices.get(name)]

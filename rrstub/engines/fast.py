@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from rrstub import events as ev
-from rrstub.engines.base import (LANDMARK_BUDGET_FACTOR, LANDMARK_BUDGET_MIN_NS, NEVER, RELOCATE_NS, RELOCATE_TRIES,
+from rrstub.engines.base import (AF_ONLY, LANDMARK_BUDGET_FACTOR, LANDMARK_BUDGET_MIN_NS, NEVER, RELOCATE_NS, RELOCATE_TRIES,
                                  RETRY_NS, Engine,
                                  EngineError, Outcome, describe_entry, describe_exit_code, exit_code, place,
                                  regs_tuple)
@@ -106,7 +106,7 @@ class FastLog:
     (``DirtyTracker.marked``), and the report of a landmark that cannot be found."""
 
     def divergence_words(self, what: str) -> str:
-        if HOST_READS in what or "(only AF," in what:
+        if HOST_READS in what or AF_ONLY in what:
             return what
         return f"{what}. {HOST_READS}"
 

@@ -135,7 +135,6 @@ class PortBState:
     paused_ticks: Optional[int]   # channel 2 in mode 0/4 held by a low gate: ticks counted so far
 
 
-PORT_B_AT_POWER_ON = PortBState(bits=PORT_B_POWER_ON, loaded=False, paused_ticks=None)
 _STORED = tuple(f for f in CounterState.__dataclass_fields__)
 
 
