@@ -195,6 +195,7 @@ class FastEngine(FastLog, Engine):
         self._want = ffi.new("struct kvm_regs *")
         # Recording: moving landmarks out of tight loops (``_relocate``).
         self.relocated = 0
+        self._marker_clock_waits = False    # recording from power-on, before the first exit
         self._loops = TightLoops()
         self._rip = ffi.new("uint64_t *")
 
@@ -224,6 +225,25 @@ class FastEngine(FastLog, Engine):
         """
         self.machine.inject(window=self.sink is not None)
         self.clock.new_point()
+
+    def initial_marker(self, origin: str = "start", resume: Optional[str] = None) -> tuple[bytes, dict]:
+        """Recording: as ``Engine.initial_marker``; a recording from power-on starts its marker clock at the
+        guest's first exit.
+
+        Fast guest time is host time, and the first KVM_RUN of a machine can
+        take longer than ``--marker-every`` on a loaded host (KVM builds its
+        page tables then): a marker due meanwhile would be taken before the
+        guest's first instruction, at the same state as marker 0.
+        """
+        blob, meta = super().initial_marker(origin, resume)
+        if self.position == 0:
+            self._marker_clock_waits = True
+            self.next_marker_ns = NEVER
+        return blob, meta
+
+    def _start_marker_clock(self) -> None:
+        self._marker_clock_waits = False
+        self._schedule_next_marker()
 
     def _time_due(self) -> bool:
         deadline = self.machine.clock.next_deadline()
@@ -264,6 +284,8 @@ class FastEngine(FastLog, Engine):
                 self.position += 1
                 m.exits += 1
                 m.recent_exits.append(exit)
+                if self._marker_clock_waits:
+                    self._start_marker_clock()
                 if isinstance(exit, Hlt):
                     self.halt()
                     continue
