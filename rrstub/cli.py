@@ -426,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from rrstub import trace
     trace.add_parser(sub)
+    from rrstub.ui import command as ui_command
+    ui_command.add_parser(sub)
 
     crp = sub.add_parser(
         "crop", help="cut the part between two markers into its own recording",
@@ -998,6 +1000,11 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return run_trace(args)
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from rrstub.ui.command import cmd_ui as run_ui
+    return run_ui(args)
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from vmm.probe import format_report, probe_host
 
@@ -1023,7 +1030,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return {"run": cmd_run, "doctor": cmd_doctor, "record": cmd_record, "replay": cmd_replay,
                 "info": cmd_info, "serve": cmd_serve, "trace": cmd_trace,
-                "crop": cmd_crop}[args.command](args)
+                "crop": cmd_crop, "ui": cmd_ui}[args.command](args)
     except KvmUnavailable as e:
         _err(str(e))
         return EXIT_NO_KVM

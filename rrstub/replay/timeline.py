@@ -242,6 +242,8 @@ class _MuteBelow:
 
     def write(self, data: bytes) -> int:
         t = self.timeline
+        if t.on_serial is not None:
+            t.on_serial(t.engine.ctl.icount, bytes(data))
         if self.stream is not None and t.engine.ctl.icount >= t.frontier:
             self.stream.write(data)
             self.stream.flush()
@@ -264,6 +266,10 @@ class Timeline:
         from rrstub.session import ReplayError, install_replay_hypercalls, open_kernel
         self.rec = rec = Recording.open(path)
         self.machine: Optional[Machine] = None
+        # Observers: every UART write, with the position of the instruction that made it
+        # (``replay --until P`` prints those before P), and every straight replay [start, end).
+        self.on_serial: Optional[Callable[[int, bytes], None]] = None
+        self.on_ran: Optional[Callable[[int, int], None]] = None
         try:
             if rec.recovered:
                 warn(rec.recovery_note)
@@ -560,6 +566,8 @@ class Timeline:
             e.until = None
             e.boundary_at = NEVER
             self.frontier = max(self.frontier, c.icount)
+            if self.on_ran is not None:
+                self.on_ran(self._run_from, c.icount)
 
     def _seek(self, target: int) -> None:
         """Move to ``target`` (0 <= target <= last) without regard to breakpoints."""
@@ -747,6 +755,18 @@ class Timeline:
                 raise TimelineError(f"replay reached the end of the recording ({out.reason}) without "
                                     f"meeting marker m{index}")
         return self.recorded_at[index]
+
+    def forward(self, target: int) -> Stop:
+        """Replay on from the current position to ``target`` without restoring any checkpoint, so one
+        straight run covers every instruction in between (``on_ran``); the end stops it earlier."""
+        if target < self.position:
+            raise TimelineError(f"instruction {target} is behind the current one ({self.position})")
+        if self.at_end:
+            return self._end_stop()
+        out = self._run(target, breaks=False, watches=False)
+        if out.reason != "until":
+            return self._end_stop(out)
+        return Stop("step", self.position)
 
     def goto(self, position: int) -> Stop:
         if position < self.first or self.last is not None and position > self.last:
