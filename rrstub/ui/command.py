@@ -57,6 +57,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="address to listen on (default 127.0.0.1; any other address lets whoever can "
                         "reach it read the guest's memory and start live runs, and ui warns)")
     p.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0 picks a free one)")
+    p.add_argument("--no-read-ahead", action="store_true",
+                   help="do not read the recordings in the background: saves a core, but a far preview then "
+                        "shows the nearest checkpoint's state until replay has been near, and the console "
+                        "is known only as far as replay has gone")
     p.add_argument("--open", action="store_true", help="start the desktop browser on the page, where there is one")
     return p
 
@@ -86,7 +90,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
               flush=True)
 
     try:
-        serve_ui(args.recordings, args.host, args.port, open_browser=args.open, log=_err, ready=ready)
+        serve_ui(args.recordings, args.host, args.port, open_browser=args.open,
+                 read_ahead=not args.no_read_ahead, log=_err, ready=ready)
     except OSError as e:
         _err(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
         return EXIT_USAGE

@@ -53,8 +53,9 @@ TEXT is what the CLI prints)."""
 
 
 class UiState:
-    def __init__(self, paths: list[str], warn: Callable[[str], None]):
+    def __init__(self, paths: list[str], warn: Callable[[str], None], read_ahead: bool = True):
         self.warn = warn
+        self.read_ahead = read_ahead
         self.views: dict[str, RecordingView] = {}
         self.jobs: dict[str, CropTask] = {}
         self.lives: dict[str, LiveTask] = {}
@@ -77,7 +78,7 @@ class UiState:
                 return v
         view = RecordingView(self._next("r"), path, warn=self.warn)
         self.views[view.id] = view
-        if view.error is None:
+        if view.error is None and self.read_ahead:
             threading.Thread(target=view.prefetch, name=f"rrstub-ui-prefetch-{view.id}", daemon=True).start()
         else:
             self.warn(f"{path}: {view.error}")
@@ -344,10 +345,10 @@ def make_app(state: UiState) -> web.Application:
     return app
 
 
-def serve_ui(paths: list[str], host: str, port: int, *, open_browser: bool = False,
+def serve_ui(paths: list[str], host: str, port: int, *, open_browser: bool = False, read_ahead: bool = True,
              log: Callable[[str], None], ready: Callable[[str], None] = lambda url: None) -> None:
     """Serve until SIGINT/SIGTERM; ``ready(url)`` once listening."""
-    state = UiState(paths, warn=log)
+    state = UiState(paths, warn=log, read_ahead=read_ahead)
 
     async def main():
         app = make_app(state)

@@ -31,11 +31,11 @@ import time
 from typing import Callable, Optional
 
 from rrstub.recording import RecordingError
-from rrstub.replay.timeline import PastTheEnd, Timeline, TimelineError
+from rrstub.replay.timeline import CHECKPOINT_EVERY, PastTheEnd, Timeline, TimelineError
 from rrstub.ui.console import ConsoleIndex
 from vmm import paging
 
-QUICK_RANGE = 8192      # instructions: a quick preview replays at most this far before answering
+QUICK_RANGE = CHECKPOINT_EVERY    # instructions a quick preview replays at most before answering
 SLICE = 16384           # instructions one seek slice replays while holding the lock
 DISASM_BEFORE = 6
 DISASM_AFTER = 10
