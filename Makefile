@@ -5,11 +5,11 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: all setup kernels linux demo test bench doctor clean
+.PHONY: all setup kernels linux packages demo test bench doctor clean
 
 all: setup
 
-setup: $(STAMP) kernels linux
+setup: $(STAMP) kernels linux packages
 
 $(STAMP): pyproject.toml setup.py native/build.py native/rrnative.c native/rrnative.h
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml setup.py native/build.py native/rrnative.c native/rrnat
 
 kernels:
 	$(MAKE) --no-print-directory -C examples
+
+# gdb and chromium (apt-get as root; otherwise the command to run is printed).
+packages:
+	bash tools/setup-packages.sh
 
 # Debian's cloud kernel and busybox-static (apt-get as root), and the example initramfs.
 linux:
@@ -43,6 +47,8 @@ bench: setup
 	$(VENV)/bin/python benchmarks/debug_bench.py
 	@echo
 	$(VENV)/bin/python benchmarks/linux_bench.py
+	@echo
+	$(VENV)/bin/python benchmarks/ui_bench.py
 
 doctor: setup
 	$(VENV)/bin/rrstub doctor

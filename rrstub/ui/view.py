@@ -36,7 +36,8 @@ from rrstub.ui.console import ConsoleIndex
 from vmm import paging
 
 QUICK_RANGE = CHECKPOINT_EVERY    # instructions a quick preview replays at most before answering
-SLICE = 16384           # instructions one seek slice replays while holding the lock
+SLICE = 4096            # instructions one seek slice replays while holding the lock (tens of ms)
+READ_SLICE = 2048       # the same for the background read, which yields to any waiting request
 DISASM_BEFORE = 6
 DISASM_AFTER = 10
 BACKTRACE_MAX = 24
@@ -312,7 +313,7 @@ class RecordingView:
                 self.prefetch_done = True
                 return False
             try:
-                t.forward(start + SLICE if t.last is None else min(t.last, start + SLICE))
+                t.forward(start + READ_SLICE if t.last is None else min(t.last, start + READ_SLICE))
             except TimelineError as e:
                 raise ViewError(str(e)) from None
             self.prefetched_to = self.console.covered
