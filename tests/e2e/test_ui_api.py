@@ -14,7 +14,7 @@ import urllib.error
 import pytest
 
 from conftest import recording_info, rrstub
-from test_ui import Ui, replay_until
+from test_ui import Ui, echo, replay_until  # noqa: F401 (echo: the fixture)
 
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(240)]
 
@@ -123,3 +123,24 @@ def test_bad_requests_are_answered_with_what_is_wrong(ui, race):
         ui.api("/api/rec/r0/markers", {"name": "start", "pos": 10})
     assert e.value.code == 400 and "cannot name" in json.loads(e.value.read())["error"]
     assert ui.api("/api/rec/r0")["labels"] == []
+
+
+def test_sigterm_to_the_server_keeps_a_live_runs_branch(echo, tmp_path):
+    """Stopping `rrstub ui` stops its live runs as Ctrl-C would: the branch is a finished recording."""
+    import shutil
+    rec = tmp_path / "echo.rrr"
+    shutil.copy(echo, rec)
+    u = Ui(rec)
+    try:
+        live = u.api("/api/rec/r0/live", {"pos": 10})
+        u.api(f"/api/live/{live['live']}/input", {"data": "before the end\n"})
+        deadline = time.monotonic() + 60
+        while "BEFORE THE END" not in u.api(f"/api/live/{live['live']}")["output"]:
+            assert time.monotonic() < deadline, u.api(f"/api/live/{live['live']}")
+            time.sleep(0.1)
+    finally:
+        assert u.stop() == 0
+    branch = recording_info(live["output"])
+    assert branch["complete"] and branch["end"]["reason"] == "interrupted"
+    assert branch["parent"]["position"] == 10
+    assert "BEFORE THE END" in rrstub("replay", live["output"], "-q").stdout.decode()
