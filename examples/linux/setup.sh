@@ -24,16 +24,8 @@ if ! static_busybox; then
     need+=(busybox-static)
 fi
 if [ ${#need[@]} -gt 0 ]; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "setup: installing ${need[*]} (the Linux example guest)"
-        apt-get update -q >/dev/null
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
-    else
-        echo "setup: the Linux example guest needs Debian packages; run as root:" >&2
-        echo "    apt-get install --no-install-recommends ${need[*]}" >&2
-        echo "setup: (the Linux tests skip until then, and fail under CI=true)" >&2
-        exit 0
-    fi
+    . tools/apt-install.sh
+    apt_install "the Linux example guest" "${need[@]}" || exit 0
 fi
 mkdir -p examples/build/linux
 out=examples/build/linux/initrd.cpio.gz
