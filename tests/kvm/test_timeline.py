@@ -204,7 +204,9 @@ def test_serve_debugs_a_fast_recording(fast_recording):
         assert gdb.monitor("goto m1").startswith(f"at instruction {m1};")     # replay finds it
         assert gdb.monitor("when").startswith(f"instruction {m1} of ? ")
         middle = end // 2
-        assert gdb.monitor(f"goto {middle}").startswith(f"at instruction {middle};")
+        answer = "".join(line for line in gdb.monitor(f"goto {middle}").splitlines(keepends=True)
+                         if not line.startswith("rrstub: still working"))    # keepalive on a slow host
+        assert answer.startswith(f"at instruction {middle};")
         assert gdb.monitor("when").startswith(f"instruction {middle} of ? ")
         assert gdb.request(b"c").startswith(b"T05replaylog:end;")
         when = gdb.monitor("when")
