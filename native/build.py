@@ -150,6 +150,16 @@ def _rrnative_declarations() -> str:
     return "\n".join(out)
 
 
+def _capstone_include() -> str:
+    """The headers of the capstone package (a build requirement: rrtrace.c's structs are its)."""
+    import capstone
+    include = Path(capstone.__file__).resolve().parent / "include"
+    if not (include / "capstone" / "capstone.h").is_file():
+        raise SystemExit(f"the capstone package at {include.parent} ships no C headers "
+                         "(capstone/include/capstone/capstone.h); install a capstone 5 wheel from PyPI")
+    return str(include)
+
+
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF + _rrnative_declarations())
 ffibuilder.set_source(
@@ -157,10 +167,11 @@ ffibuilder.set_source(
     '#include <linux/kvm.h>\n#include <signal.h>\n#include "rrnative.h"\n',
     # setuptools wants source paths relative to the project root (the cwd of
     # every build), not absolute ones.
-    sources=["native/rrnative.c"],
-    include_dirs=["native"],
+    sources=["native/rrnative.c", "native/rrtrace.c"],
+    include_dirs=["native", _capstone_include()],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
-    libraries=["rt"],
+    libraries=["rt", "dl"],
+    depends=["native/rrnative.h", "native/rrtrace.h"],
 )
 
 if __name__ == "__main__":

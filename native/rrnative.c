@@ -29,6 +29,7 @@
 #include <linux/kvm.h>
 
 #include "rrnative.h"
+#include "rrtrace.h"
 
 static struct kvm_run *volatile kick_run;
 static pthread_t kick_thread;
@@ -313,6 +314,11 @@ static int fetch_translate(const struct rr_step_ctl *c, uint64_t la, uint64_t *p
     }
     *pa = table | (la & 0xfff);
     return 0;
+}
+
+int rr_translate(const struct rr_step_ctl *c, uint64_t la, uint64_t *pa)
+{
+    return fetch_translate(c, la, pa);
 }
 
 /* Copy up to 15 bytes at c->rip into c->insn; returns the count, or -2 for an unwalkable mode. */
@@ -703,6 +709,10 @@ int rr_step(int vcpu_fd, void *run_area, struct rr_step_ctl *c, struct rr_exit *
         r = complete_instruction(vcpu_fd, run, c, ex);
         if (r < 0)
             return r;
+        if (c->trace && (r = rr_trace_completed(vcpu_fd, c->trace, c)) < 0)
+            return r;
+    } else if (c->trace) {
+        rr_trace_drop(c->trace);
     }
     for (uint32_t n = 0;; n++) {
         if (c->visited) {
@@ -738,6 +748,14 @@ int rr_step(int vcpu_fd, void *run_area, struct rr_step_ctl *c, struct rr_exit *
             c->reason = RR_STEP_BREAK;
             return 0;
         }
+        if (c->trace) {
+            if (rr_trace_room_low(c->trace)) {
+                c->reason = RR_STEP_TRACE_FULL;
+                return 0;
+            }
+            if (!c->deliver_vector)
+                rr_trace_count(c->trace, c);
+        }
         int fetched = 0;
         if (c->flags & RR_STEP_NO_CHECK_ONCE) {
             c->flags &= ~RR_STEP_NO_CHECK_ONCE;
@@ -768,6 +786,9 @@ int rr_step(int vcpu_fd, void *run_area, struct rr_step_ctl *c, struct rr_exit *
         r = arm_if_changed(vcpu_fd, c, want);
         if (r < 0)
             return r;
+        uint32_t delivering = c->deliver_vector;
+        if (c->trace && (r = rr_trace_before(vcpu_fd, c->trace, c, delivering != 0)) < 0)
+            return r;
         r = run_once(vcpu_fd, run, ex);
         if (r < 0)
             return r;
@@ -781,6 +802,14 @@ int rr_step(int vcpu_fd, void *run_area, struct rr_step_ctl *c, struct rr_exit *
             c->rip = run->debug.arch.pc;
             if (want[0] && c->rip != want[0] && c->rip != want[1] && c->rip != want[2] && c->rip != want[3])
                 c->landings_missed++;
+            if (c->trace) {
+                uint32_t fault = 0;
+                for (int i = 0; i < 3 && !delivering; i++)
+                    if (want[i + 1] && c->rip == want[i + 1] && c->rip != want[0])
+                        fault = fault_vectors[i] + 1;
+                if ((r = rr_trace_after(vcpu_fd, c->trace, c, delivering, fault, delivering ? 0 : want[0])) < 0)
+                    return r;
+            }
             if (fetched > 0 && is_lidt(c->insn, (uint32_t)fetched, c->long_mode) && (r = reload_idt(vcpu_fd, c)) < 0)
                 return r;
             continue;

@@ -43,6 +43,7 @@ struct rr_exit {
 #define RR_STEP_BREAK     8   /* rip is one of breaks[] (the instruction has not run) */
 #define RR_STEP_WATCH     9   /* watches[hit] no longer equals its shadow copy */
 #define RR_STEP_LANDMARK 10   /* the general registers equal *landmark (the instruction at rip has not run) */
+#define RR_STEP_TRACE_FULL 11 /* a trace buffer is nearly full: drain it, then call again */
 
 #define RR_STEP_STOP_IF_OPEN  1u  /* stop at the first boundary where an interrupt can be injected */
 #define RR_STEP_NO_CHECK_ONCE 2u  /* step the next instruction without looking at it */
@@ -86,6 +87,81 @@ struct rr_step_ctl {
     uint64_t landmark_hits; /* out: boundaries at landmark_la so far (whatever their registers) */
     void *landmark_last;    /* out: struct kvm_regs at the last hit that did not match */
     uint64_t *visited;      /* in/out: RR_VISITED_WORDS words, a bit per hash of every rip looked at (NULL: none) */
+    struct rr_trace *trace; /* in/out: the index's record of every step (NULL: none) */
+};
+
+/*
+ * The index's record of every step (rrtrace.c), filled when ctl->trace is
+ * set.  Buffers are the caller's; rr_step stops with RR_STEP_TRACE_FULL
+ * before a step that might not fit, and the caller drains and resets the
+ * counts (nwrites, nold, nnew, nevents, ncalls, and the histogram slots).
+ */
+#define RR_WRITE_INSN  0    /* the instruction's own store */
+#define RR_WRITE_FRAME 1    /* the frame an interrupt's or exception's delivery pushed */
+
+struct rr_write {
+    uint64_t pos;           /* the instruction count before the step */
+    uint64_t rip;           /* linear address of the instruction (an event: where it came) */
+    uint64_t va;            /* linear address stored to */
+    uint64_t pa;            /* guest physical (the record lies within one page) */
+    uint32_t size;
+    uint8_t kind;           /* RR_WRITE_* */
+    uint8_t has_old;        /* its bytes before are in old_bytes (not for a frame on another stack) */
+    uint16_t vector;        /* RR_WRITE_FRAME: the vector */
+};
+
+#define RR_EVENT_INTERRUPT 1    /* an injected interrupt's delivery */
+#define RR_EVENT_EXCEPTION 2    /* an exception the instruction raised (#UD, #GP, #PF) */
+#define RR_EVENT_SOFTWARE  3    /* int n, int3, int1, into */
+
+struct rr_event {
+    uint64_t pos;
+    uint64_t rip;           /* where the event came (the instruction not run, or that raised it) */
+    uint64_t handler;       /* where the step landed */
+    uint32_t vector;
+    uint32_t kind;          /* RR_EVENT_* */
+};
+
+struct rr_call {
+    uint64_t pos;           /* a step whose rip is a function's entry */
+    uint64_t rip;
+};
+
+struct rr_trace {
+    struct rr_write *writes;
+    uint32_t nwrites, max_writes;
+    uint8_t *old_bytes;     /* the has_old records' old bytes, in record order */
+    uint32_t nold;
+    uint8_t *new_bytes;     /* every record's new bytes, in record order */
+    uint32_t nnew;
+    uint32_t max_bytes;     /* of old_bytes and of new_bytes each */
+    struct rr_event *events;
+    uint32_t nevents, max_events;
+    struct rr_call *calls;
+    uint32_t ncalls, max_calls;
+    const uint64_t *entries;    /* ascending function entry addresses (calls) */
+    uint32_t nentries;
+    uint32_t hist_slots;        /* a power of two */
+    uint64_t *hist_rip;         /* rip + 1 (0: an empty slot) */
+    uint64_t *hist_count;
+    uint32_t hist_used;
+    uint64_t fs_base, gs_base;  /* kept current across swapgs and wr*base; the engine sets them after wrmsr */
+    uint64_t steps;             /* positions counted */
+    uint64_t undecoded;         /* steps whose stores could not be worked out (not recorded) */
+    uint64_t dropped;           /* steps the engine ran itself, whose decoded stores were dropped */
+    /* rrtrace.c's own, for the step in flight */
+    uint64_t counted_at;
+    uint32_t pending, pending_old;
+    uint64_t step_pos, step_rip;
+    uint32_t step_insn_len;
+    struct kvm_regs before;
+    uint8_t pre[64];
+    uint64_t pre_la;
+    uint32_t pre_ok;
+    uint32_t rep, rep_elem, rep_old_ok;
+    uint64_t rep_rdi, rep_rcx;
+    uint8_t rep_old[8];
+    uint32_t reload_segments, software_int;
 };
 
 /* The visited summary: a bit per rip hash, RR_VISITED_WORDS * 64 bits (rr_visited_bit). */
@@ -120,6 +196,8 @@ int rr_settle(int vcpu_fd, void *run_area, struct rr_exit *ex);
 int rr_step_arm(int vcpu_fd, struct rr_step_ctl *c);
 int rr_current_rip(int vcpu_fd, uint64_t *rip);
 int rr_relocate_to(int vcpu_fd, void *run_area, uint64_t exit_at, uint64_t deadline_ns, struct rr_exit *ex);
+int rr_trace_load(const char *library);
+const char *rr_trace_error(void);
 int rr_run_to_regs(int vcpu_fd, void *run_area, const void *want_regs, int step_over_first,
                    uint64_t deadline_ns, uint64_t *hits, void *last_regs, struct rr_exit *ex);
 #endif

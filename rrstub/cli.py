@@ -428,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_parser(sub)
     from rrstub.ui import command as ui_command
     ui_command.add_parser(sub)
+    from rrstub.index import command as index_command
+    index_command.add_parsers(sub)
 
     crp = sub.add_parser(
         "crop", help="cut the part between two markers into its own recording",
@@ -750,6 +752,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         _err(str(e))
         return EXIT_RECORDING
+    _open_index(timeline, args.recording, log)
     try:
         def ready(port: int) -> None:
             if exposure:
@@ -767,6 +770,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.serial_out:
             _close_streams(serial_out)
     return 0
+
+
+def _open_index(timeline, recording: str, log) -> None:
+    """Give the timeline the recording's index when it has a fresh one (monitor who-wrote, fast
+    reverse-continue to write watchpoints); say why not when it has a stale one."""
+    from rrstub.index.query import Index, IndexMissing, StaleIndex
+    try:
+        timeline.index = Index(recording)
+        log(f"using the index {timeline.index.folder}")
+    except IndexMissing:
+        pass
+    except StaleIndex as e:
+        log(f"not using an index: {e}")
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -1005,6 +1021,16 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return run_ui(args)
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    from rrstub.index.command import cmd_index as run_index
+    return run_index(args)
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from rrstub.index.command import cmd_query as run_query
+    return run_query(args)
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from vmm.probe import format_report, probe_host
 
@@ -1030,7 +1056,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return {"run": cmd_run, "doctor": cmd_doctor, "record": cmd_record, "replay": cmd_replay,
                 "info": cmd_info, "serve": cmd_serve, "trace": cmd_trace,
-                "crop": cmd_crop, "ui": cmd_ui}[args.command](args)
+                "crop": cmd_crop, "ui": cmd_ui, "index": cmd_index,
+                "query": cmd_query}[args.command](args)
     except KvmUnavailable as e:
         _err(str(e))
         return EXIT_NO_KVM

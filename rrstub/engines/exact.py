@@ -57,6 +57,8 @@ class ExactEngine(Engine):
         recorded = self.source.recording.config.get("positions", 1) if self.source is not None else None
         self.landings = recorded is None or recorded >= EVENT_POSITIONS
         self._missed_seen = 0
+        # The index's recorder (rrstub.index.capture): drains ctl.trace when rr_step says it is full.
+        self.on_trace_full: Callable[[], None] = self._no_trace
 
     def attach(self, machine: Machine) -> None:
         super().attach(machine)
@@ -84,6 +86,9 @@ class ExactEngine(Engine):
     def icount(self) -> int:
         return self.ctl.icount
 
+    def _no_trace(self) -> None:
+        raise EngineError("rr_step filled a trace that nothing drains (ctl.trace set without on_trace_full)")
+
     def _load_paging(self) -> None:
         sregs = self.machine.vcpu.get_sregs()
         regs = self.machine.vcpu.get_regs()
@@ -94,6 +99,8 @@ class ExactEngine(Engine):
         c.long_mode = 1 if self.long_mode else 0
         self.cs_base = sregs.cs.base
         c.rip = (self.cs_base + regs.rip) & 0xFFFFFFFFFFFFFFFF
+        if c.trace != ffi.NULL:
+            c.trace.fs_base, c.trace.gs_base = sregs.fs.base, sregs.gs.base   # wrmsr may have moved them
 
     # -- time -----------------------------------------------------------------------
     def sample_time(self) -> tuple[int, int]:
@@ -306,7 +313,11 @@ class ExactEngine(Engine):
             c.flags |= lib.RR_STEP_LANDINGS
         else:
             c.flags &= ~lib.RR_STEP_LANDINGS
-        _check(lib.rr_step(vcpu.fd, vcpu._run, c, vcpu._exit), what)
+        while True:
+            _check(lib.rr_step(vcpu.fd, vcpu._run, c, vcpu._exit), what)
+            if c.reason != lib.RR_STEP_TRACE_FULL:
+                break
+            self.on_trace_full()     # the buffers are drained: the step it stopped before runs now
         self._sync_vcpu_flags()
         self.position = c.icount
         if c.landings_missed != self._missed_seen:

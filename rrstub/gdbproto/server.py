@@ -77,6 +77,10 @@ rrstub monitor commands (type them after `monitor`):
                         gdb rereads the state by itself with examples/gdb/rrstub-hooks.gdb
                         sourced, otherwise run `maint flush register-cache`
   info                  the recording, the replay's checkpoints and their memory
+  who-wrote ADDR [N]    from the recording's index (rrstub index): the last write to the N
+                        bytes (default 1) at ADDR (a number or a kernel symbol) before here
+  history ADDR [N]      every write to them, in order; `monitor goto P` reaches a write's
+                        position P (before the store runs; P+1 after)
   help                  this text
 """
 
@@ -430,7 +434,37 @@ class Session:
                     f"{f' ({end.reason}, status {end.status})' if end is not None else ' (incomplete)'}\n"
                     f"  now at instruction {t.position}{t.log_words()}\n"
                     f"  {len(t.checkpoints)} checkpoints in memory, {t.pages.stored_bytes >> 10} KiB of pages\n")
+        if words[0] in ("who-wrote", "history"):
+            return self._indexed(words)
         raise TimelineError(f"unknown monitor command {' '.join(words)!r}; `monitor help` lists them")
+
+    def _indexed(self, words: list[str]) -> str:
+        """``monitor who-wrote`` and ``monitor history``, answered from the recording's index."""
+        from rrstub.index.query import QueryError, value_words
+        t = self.timeline
+        if t.index is None:
+            raise TimelineError(f"{t.rec.path} has no usable index: build it with `rrstub index "
+                                f"{t.rec.path}` and start `rrstub serve` again")
+        if len(words) not in (2, 3) or (len(words) == 3 and _position_word(words[2]) is None):
+            raise TimelineError(f"usage: monitor {words[0]} ADDR|SYMBOL [BYTES]")
+        size = _position_word(words[2]) if len(words) == 3 else 1
+        try:
+            address = t.index.address(words[1])
+        except QueryError as e:
+            raise TimelineError(str(e)) from None
+        what = f"{words[1]} ({address:#x})"
+        if words[0] == "who-wrote":
+            w = t.index.who_wrote(address, size, t.position)
+            if w is None:
+                return f"{what} was not written before instruction {t.position}\n"
+            return (f"{what} was last written before instruction {t.position} at {w.pos} by {w.where}: "
+                    f"{value_words(w.old)} -> {value_words(w.new)} ({w.size} bytes at {w.vaddr:#x}); "
+                    f"`monitor goto {w.pos}` is just before that store\n")
+        found = t.index.history(address, size)
+        lines = [f"{what}: {len(found)} writes\n"]
+        lines += [f"  {w.pos:>12}  {w.where:<28} {value_words(w.old)} -> {value_words(w.new)}\n"
+                  for w in found]
+        return "".join(lines)
 
 
     def _recorded_position(self, name: str) -> int:

@@ -315,6 +315,12 @@ class Timeline:
             self.close()
             raise
         self.summaries = True     # use the visited summaries (off: always replay; tests compare both)
+        # The recording's index (rrstub.index.query.Index), when it has a fresh one: reverse-continue
+        # to write watchpoints answers from it (``index_answers`` counts those answers).
+        self.index = None
+        self.index_answers = 0
+        # A checkpoint every this many instructions of replay (0: none; the index's one-way runs)
+        self.checkpoint_every = CHECKPOINT_EVERY
         self.breakpoints: set[int] = set()
         self.watches: list[Watch] = []
         self._breaks = ffi.new("uint64_t[]", 1)
@@ -334,6 +340,9 @@ class Timeline:
         self.at_end = False
 
     def close(self) -> None:
+        if getattr(self, "index", None) is not None:
+            self.index.close()
+            self.index = None
         if self.machine is not None:
             self.machine.close()
             self.machine = None
@@ -490,7 +499,7 @@ class Timeline:
                 if self._stop_on_access:
                     e.until = pos
             self._next_accesses = self._decode_next()
-        if pos % CHECKPOINT_EVERY == 0:
+        if self.checkpoint_every and pos % self.checkpoint_every == 0:
             self._capture()
         if pos % POLL_EVERY == 0 and self._poll():
             self._interrupted = True
@@ -667,6 +676,9 @@ class Timeline:
 
     def reverse_cont(self, poll: Callable[[], bool] = lambda: False) -> Stop:
         origin = self.position
+        answered = self._reverse_by_index(origin)
+        if answered is not None:
+            return answered
         hi = origin
         self._poll, self._interrupted = poll, False
         try:
@@ -689,6 +701,27 @@ class Timeline:
             self._poll = lambda: False
         self._seek(self.first)
         return Stop("begin", self.first, detail="start of the recording")
+
+    def _reverse_by_index(self, origin: int) -> Optional[Stop]:
+        """Reverse-continue with only write watchpoints set, on an indexed recording: straight to the
+        last write that changed a watched byte (the stop a scan finds), or None to scan."""
+        from rrstub.index.query import last_change
+        if self.index is None or self.breakpoints or not self.watches or any(
+                w.kind != "write" for w in self.watches):
+            return None
+        best: Optional[tuple[int, Watch]] = None
+        for w in self.watches:
+            known, write = last_change(self.index, w.address, w.length, origin, self.first)
+            if not known:
+                return None
+            if write is not None and (best is None or write.pos > best[0]):
+                best = (write.pos, w)
+        self.index_answers += 1
+        if best is None:
+            self._seek(self.first)
+            return Stop("begin", self.first, detail="start of the recording")
+        self._seek(best[0])
+        return _watch_stop(best[0], best[1])
 
     def _skip_unhit(self) -> bool:
         """Continue: restore the furthest checkpoint ahead that replay provably reaches without a hit."""
