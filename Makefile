@@ -49,6 +49,8 @@ bench: setup
 	$(VENV)/bin/python benchmarks/linux_bench.py
 	@echo
 	$(VENV)/bin/python benchmarks/ui_bench.py
+	@echo
+	$(VENV)/bin/python benchmarks/index_bench.py
 
 doctor: setup
 	$(VENV)/bin/rrstub doctor

@@ -158,6 +158,16 @@ def build_index(path: str, folder: Optional[str] = None, *, workers: Optional[in
                    for i, s in enumerate(order)}
         say(f"rrstub index: {len(segs)} segments" + (f", {total:,} instructions to the last marker"
                                                         if total else ""))
+        by_number = {s.number: s for s in segs}
+
+        def progress(event) -> None:
+            _, msg = event
+            seg = by_number.get(msg.get("segment"))
+            if seg is not None:
+                of = f" of {seg.end - seg.start:,}" if seg.end is not None else ""
+                say(f"rrstub index: {seg.words()}: {msg['done']:,}{of} instructions")
+        from rrstub.index.segment import PROGRESS_TOPIC
+        client.subscribe_topic(PROGRESS_TOPIC, progress)
         results = {}
         done = 0
         for fut in as_completed(list(futures)):

@@ -43,6 +43,9 @@ def check_index(folder: str, recording: str) -> dict:
     from rrstub.recording import Recording
     meta_path = os.path.join(folder, "meta.json")
     build = f"build it with `rrstub index {recording}`"
+    with Recording.open(recording) as rec:
+        digest = recording_digest(rec)
+        rid = rec.config.get("id")
     if not os.path.isdir(folder):
         raise IndexMissing(f"{recording} has no index ({folder} does not exist): {build}")
     try:
@@ -51,9 +54,6 @@ def check_index(folder: str, recording: str) -> dict:
     except (OSError, ValueError) as e:
         raise StaleIndex(f"{folder} is not a usable index ({meta_path}: {e}): rebuild it with "
                          f"`rrstub index --rebuild {recording}`") from None
-    with Recording.open(recording) as rec:
-        digest = recording_digest(rec)
-        rid = rec.config.get("id")
     if meta.get("version") != INDEX_VERSION or meta.get("id") != rid or meta.get("digest") != digest:
         why = ("was built by another rrstub version" if meta.get("version") != INDEX_VERSION else
                "belongs to another recording" if meta.get("id") != rid else

@@ -18,6 +18,7 @@ import io
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -67,6 +68,27 @@ def _local_copy(data: bytes, digest: str) -> str:
     return path
 
 
+PROGRESS_TOPIC = "rrstub-index-progress"
+PROGRESS_EVERY = 5.0        # seconds between a running segment's progress reports
+
+
+def _this_worker():
+    """The Dask worker running this task (None outside one); only the task's own thread knows it."""
+    try:
+        from distributed import get_worker
+        return get_worker()
+    except (ImportError, ValueError):
+        return None
+
+
+def _report_progress(worker, seg: Segment, ctl, done: threading.Event) -> None:
+    """On a Dask worker: how far the segment is, every PROGRESS_EVERY seconds (the client prints it)."""
+    if worker is None:
+        return
+    while not done.wait(PROGRESS_EVERY):
+        worker.log_event(PROGRESS_TOPIC, {"segment": seg.number, "done": int(ctl.icount) - seg.start})
+
+
 def _parquet(table: pa.Table) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
@@ -103,10 +125,15 @@ def run_segment(data: bytes, digest: str, seg: Segment) -> dict:
         rec = StepRecorder(list(names))
         rec.attach(e)
         started = time.monotonic()
+        done = threading.Event()
+        reporter = threading.Thread(target=_report_progress, args=(_this_worker(), seg, e.ctl, done), daemon=True)
+        reporter.start()
         try:
             end = seg.end if seg.end is not None else t.last
             stop = t.forward(end) if end is not None else t.cont()
         finally:
+            done.set()
+            reporter.join()
             rec.detach()
         seconds = time.monotonic() - started
         if seg.end is not None and t.position != seg.end:

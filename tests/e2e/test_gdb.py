@@ -1149,3 +1149,51 @@ def test_the_hooks_warn_when_gdb_reads_another_kernel(debug_exact, race_exact, k
     finally:
         gdb.close()
     assert server.alive()
+
+
+@pytest.mark.timeout(240)
+def test_an_indexed_recording_answers_who_wrote_and_reverse_continues_to_the_same_stop(race_exact, tmp_path):
+    """`monitor who-wrote` and `monitor history` from the index; reverse-continue to `watch counter`
+    answered from the index stops where the scan of the same recording without an index stops."""
+    import shutil
+    rec = tmp_path / "race.rrr"
+    shutil.copy(race_exact.path, rec)
+    r = rrstub("index", str(rec), "--workers", "2", timeout=180)
+    assert r.returncode == 0, r.stderr
+
+    def last_writes(path: Path, folder: Path, ask: bool) -> tuple[list, Server]:
+        server = Server(path, 1, folder)
+        gdb = Gdb(race_exact.elf, server.port)
+        try:
+            gdb.run("-exec-continue", timeout=40)
+            end, _ = gdb.when()
+            answer = gdb.console("monitor who-wrote counter 4") if ask else ""
+            gdb.cmd("-break-watch counter")
+            stops = []
+            for _ in range(3):
+                stop = gdb.run("-exec-continue --reverse", timeout=60)
+                assert stop.reason == "watchpoint-trigger", stop
+                stops.append((gdb.when()[0], int(stop.payload["value"]["old"]),
+                              int(stop.payload["value"]["new"]), stop.frame["func"]))
+            history = gdb.console("monitor history counter", timeout=30) if ask else ""
+            return [end, answer, stops, history], server
+        finally:
+            gdb.close()
+            server.stop()
+
+    (end, answer, indexed, history), server = last_writes(rec, tmp_path, True)
+    assert server.said("using the index"), server.log
+    m = re.search(r"was last written before instruction (\d+) at (\d+) by (increment\+0x[0-9a-f]+): "
+                  r"0x[0-9a-f]+ \((\d+)\) -> 0x[0-9a-f]+ \((\d+)\)", answer)
+    assert m, answer
+    assert int(m.group(1)) == end
+    at, old, new = int(m.group(2)), int(m.group(4)), int(m.group(5))
+    # gdb in reverse: "old" is the value after the write, "new" the one before it.
+    assert indexed[0] == (at, new, old, "increment")
+    assert new == race_exact.counter
+    assert f"counter (" in history and f": {3 * INCREMENTS} writes" in history, history[:300]
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (_, _, scanned, _), server = last_writes(race_exact.path, plain, False)
+    assert not server.said("using the index", timeout=0)
+    assert scanned == indexed
