@@ -605,10 +605,17 @@ def go_live(path: str, at: str, *, out_path: Optional[str] = None, serial_in: Op
         out = SerialHashes(serial_out if serial_out is not None else sys.stdout.buffer)
         engine, machine, source = _replay_machine(rec, kernel_check, out, warn, until=position, stepping=True)
         seek(engine, rec, source, position)
-        outcome = engine.run()
+        try:
+            outcome = engine.run()
+        except MachineError as e:      # the recording ends there: a hung or crashed guest
+            outcome = Outcome(_REASON_OF.get(type(e), "crash"), e.exit_code, engine.position, engine.guest_now())
         if outcome.reason != "until":
             known = (f"{path} has {engine.unit}s {'..'.join(map(str, rec.position_range()))}"
                      if mode == "exact" else f"{path} ends at {place(engine.unit, outcome.position)}")
+            if isinstance(position, int) and outcome.position >= position:
+                raise ReplayError(f"--go-live {at}: the recording ends there ({outcome.reason}): the guest "
+                                  "cannot go on from its last position; go live from an earlier one "
+                                  f"({known})")
             raise ReplayError(f"--go-live {at}: the replay ended ({outcome.reason}) at "
                               f"{place(engine.unit, outcome.position)}, before reaching {position}; {known}")
         position = engine.position

@@ -322,6 +322,8 @@ class InstructionTrace:
             return e.run()
         except MachineError as err:
             end = t.guest_end
+            if c.icount >= e.boundary_at and c.icount <= stop:
+                self._boundary()    # the last instruction (a hlt the guest never woke from) has its line
             if end is not None and e.log_pos >= end.pos:
                 return Outcome(end.reason, end.status, c.icount, e.guest_now(), str(err))
             raise TimelineError(f"the guest stopped at instruction {c.icount}, where the recording "

@@ -210,15 +210,22 @@ class Engine:
         return blob, meta
 
     def resume(self, how: Optional[str]) -> None:
-        """After restoring a recording's first marker: finish what its ``resume`` meta says."""
-        if how in ("after_point", "after_landmark"):
-            vcpu = self.machine.vcpu
-            _check(lib.rr_settle(vcpu.fd, vcpu._run, vcpu._exit), "KVM_RUN (settle)")
-            self._sync_vcpu_flags()
-            self.after_point(how == "after_landmark")
-        elif how is not None:
+        """After restoring a recording's first marker: finish what its ``resume`` meta says.
+
+        Either way the interrupt flags are read from the restored vCPU first: a
+        branch's first point is at its marker, before any step, and the live run
+        injected there by the flags of its last real exit.  Stale flags here made
+        replay inject an interrupt waiting at the branch point later than the
+        live run did (and diverge at the branch's first marker).
+        """
+        if how not in (None, "after_point", "after_landmark"):
             raise EngineError(f"the first marker asks replay to resume {how!r}, which this rrstub "
                               "does not know; use a newer rrstub")
+        vcpu = self.machine.vcpu
+        _check(lib.rr_settle(vcpu.fd, vcpu._run, vcpu._exit), "KVM_RUN (settle)")
+        self._sync_vcpu_flags()
+        if how is not None:
+            self.after_point(how == "after_landmark")
 
     def _sync_vcpu_flags(self) -> None:
         """Take the interrupt flags from the last KVM_RUN's exit."""

@@ -230,11 +230,10 @@ def test_going_live_runs_the_console_in_the_page_and_records_a_branch(browser, u
     page.wait_for_selector("#live-panel:not([hidden])", timeout=30000)
     page.wait_for_function("document.querySelector('#live-console').textContent.includes('FIRST LINE')",
                            timeout=60000)
-    # Type once the live run has run a while: input that reaches the branch's very first point
-    # makes a branch that does not replay (a go-live defect, reproduced with the CLI alone).
+    # The guest waits for input at the branch point itself: what is typed reaches the branch's
+    # very first point (tests/kvm/test_workflow.py checks that case with the CLI).
     page.wait_for_function("document.querySelector('#live-status').textContent.includes('live from')",
                            timeout=60000)
-    page.wait_for_timeout(1500)
     page.click("#live-input")
     page.keyboard.type("typed here\n")
     page.wait_for_function("document.querySelector('#live-console').textContent.includes('TYPED HERE')",

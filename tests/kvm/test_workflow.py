@@ -250,3 +250,43 @@ def test_labels_are_saved_and_taken_by_until(race, tmp_path):
     r = rrstub("replay", str(copy), "--until", "here", timeout=120)
     assert r.returncode == 0 and f"stopped at instruction {middle}".encode() in r.stderr
     rrstub("info", str(copy), "--verify").check_returncode()
+
+
+def _interruptible(trace_lines: list[dict]) -> list[int]:
+    """Positions where an interrupt can be taken at once: IF set, and not just after an sti."""
+    out, rflags, after_sti = [], 0, False
+    for x in trace_lines:
+        if rflags & 0x200 and not after_sti:
+            out.append(x["pos"])
+        rflags = int(x["changed"].get("rflags", hex(rflags)), 16)
+        after_sti = x["asm"] == "sti"
+    return out
+
+
+def test_go_live_with_input_waiting_at_the_branch_point_replays(kernels, tmp_path):
+    """The live run delivers input at the branch's very first point; so must the branch's replay."""
+    import json
+    parent = tmp_path / "echo.rrr"
+    r = rrstub("record", str(kernels / "echo.elf"), "-o", str(parent), "--mode", "exact", "--mem", "4M",
+               "--serial-in", "-", input=b"first line\n", timeout=60)
+    assert b"FIRST LINE" in r.stdout, r.stderr
+    r = rrstub("trace", str(parent), "--format", "jsonl", timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    # The trace ends with the hlt the guest never woke from: every position has its line.
+    assert lines[-1]["asm"] == "hlt" and lines[-1]["pos"] == info(parent)["end"]["position"] - 1
+    open_at = [p for p in _interruptible(lines) if p < lines[-1]["pos"]]
+    assert open_at, "the guest never ran with interrupts enabled"
+    typed = tmp_path / "typed.txt"
+    typed.write_bytes(b"typed\nquit\n")
+    branch = tmp_path / "branch.rrr"
+    r = rrstub("replay", str(parent), "--go-live", str(open_at[-1]), "-o", str(branch),
+               "--serial-in", str(typed), timeout=60)
+    assert r.returncode == 0 and b"TYPED\nbye\n" in r.stdout, r.stderr
+    status, stdout, err = replays(branch)
+    assert status == 0 and stdout.endswith(b"TYPED\nbye\n"), err
+    # Its last position is where the guest hung: no live run can go on from there.
+    r = rrstub("replay", str(parent), "--go-live", str(info(parent)["end"]["position"]), "-o", str(tmp_path / "b2.rrr"),
+               "--serial-in", str(typed), timeout=60)
+    assert r.returncode == 2 and b"the recording ends there (hung)" in r.stderr, r.stderr
+    assert not (tmp_path / "b2.rrr").exists()
