@@ -23,9 +23,6 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 
 class SegmentError(Exception):
     pass
@@ -89,7 +86,8 @@ def _report_progress(worker, seg: Segment, ctl, done: threading.Event) -> None:
         worker.log_event(PROGRESS_TOPIC, {"segment": seg.number, "done": int(ctl.icount) - seg.start})
 
 
-def _parquet(table: pa.Table) -> bytes:
+def _parquet(table) -> bytes:
+    import pyarrow.parquet as pq
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue()

@@ -607,6 +607,10 @@ class Timeline:
                 "incomplete": "the recording is incomplete: its writer was killed"}.get(reason, reason)
         return Stop("end", self.position, detail=f"end of the recording at instruction {self.position}: {what}")
 
+    def end_detail(self) -> str:
+        """How the recording ends, in words (``Stop.detail`` at the end), for a timeline at its end."""
+        return self._end_stop().detail
+
     def last_words(self) -> str:
         """The last position for people: a fast recording's is known once replay has been there."""
         if self.last is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from rrstub.ui.server import API_HELP
+from rrstub.ui.apihelp import API_HELP
 
 UI_EPILOG = f"""\
 the page (one recording at a time; the list at the top switches):
@@ -34,7 +34,7 @@ examples:
   rrstub record examples/build/race.elf -o race.rrr --mode exact
   rrstub ui race.rrr                     # prints http://127.0.0.1:8765/
   rrstub ui race.rrr branch.rrr --port 0 # any free port
-  curl 'http://127.0.0.1:8765/api/rec/r0/state?pos=1000' | jq .registers
+  curl -s 'http://127.0.0.1:8765/api/rec/r0/state?pos=1000' | python3 -m json.tool
 
 exit status:
   0  served until Ctrl-C or SIGTERM (live runs are stopped; their branches are kept)

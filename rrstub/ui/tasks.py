@@ -24,11 +24,8 @@ MAX_OUTPUT = 1 << 20        # bytes of a live console kept for late viewers
 def free_path(near: str, tag: str) -> str:
     """A new file name beside ``near``: ``NAME-TAG-N.rrr`` with the first unused N."""
     stem = os.path.splitext(os.path.abspath(near))[0]
-    for n in itertools.count(1):
-        path = f"{stem}-{tag}-{n}.rrr"
-        if not os.path.exists(path):
-            return path
-    raise AssertionError("unreachable")
+    return next(path for path in (f"{stem}-{tag}-{n}.rrr" for n in itertools.count(1))
+                if not os.path.exists(path))
 
 
 def _rrstub(*args: str) -> list[str]:

@@ -24,6 +24,7 @@ asked position before anything is read.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import os
 import threading
@@ -121,24 +122,20 @@ class RecordingView:
                 self.timeline = None
 
     # -- locking -----------------------------------------------------------------------
+    @contextlib.contextmanager
     def _locked(self):
-        view = self
-
-        class Held:
-            def __enter__(self):
-                with view._count:
-                    view.waiting += 1
-                view.lock.acquire()
-                with view._count:
-                    view.waiting -= 1
-                if view.timeline is None:
-                    view.lock.release()
-                    raise ViewError(view.error or f"{view.path} is closed")
-                return view.timeline
-
-            def __exit__(self, *exc):
-                view.lock.release()
-        return Held()
+        """The timeline, held for this request (``waiting`` counts requests queued for it)."""
+        with self._count:
+            self.waiting += 1
+        self.lock.acquire()
+        with self._count:
+            self.waiting -= 1
+        try:
+            if self.timeline is None:
+                raise ViewError(self.error or f"{self.path} is closed")
+            yield self.timeline
+        finally:
+            self.lock.release()
 
     def _ticket(self, client: str) -> int:
         with self._count:
@@ -201,8 +198,19 @@ class RecordingView:
                     if t.position >= pos or t.at_end:
                         return self._read(t, pos)
                     self.progress[client] = {"busy": True, "what": "seeking", "at": t.position, "target": pos}
+                self._let_others_in()
         finally:
             self.progress.pop(client, None)
+
+    def _let_others_in(self) -> None:
+        """Between two slices of a long seek: a request waiting for the timeline takes it first.
+
+        Python's locks are not fair: the seeking thread would take the lock again
+        before a waiting one wakes.  ``waiting`` drops once the waiter holds it.
+        """
+        deadline = time.monotonic() + 0.05
+        while self.waiting and time.monotonic() < deadline:
+            time.sleep(0.001)
 
     def _goto(self, t: Timeline, position: int) -> None:
         try:
@@ -219,7 +227,7 @@ class RecordingView:
         rip = regs["rip"]
         end_text = None
         if t.at_end or (t.last is not None and pos == t.last):
-            end_text = t._end_stop().detail if t.at_end else f"the last instruction of the recording ({pos})"
+            end_text = t.end_detail() if t.at_end else f"the last instruction of the recording ({pos})"
         return {
             "requested": requested, "position": pos, "exact": pos == requested,
             "guest_ns": t.engine.guest_now(), "at_end": t.at_end or (t.last is not None and pos >= t.last),
