@@ -346,6 +346,11 @@ static int fetch(struct rr_step_ctl *c)
     return (int)got;
 }
 
+int rr_fetch(struct rr_step_ctl *c)
+{
+    return fetch(c);
+}
+
 /* The index of the first byte after any legacy and REX prefixes. */
 static uint32_t skip_prefixes(const uint8_t *b, uint32_t n, int long_mode)
 {
@@ -462,10 +467,9 @@ static int arm_if_changed(int fd, struct rr_step_ctl *c, const uint64_t dr[4])
     return r;
 }
 
-/* Read n <= 8 bytes at linear address la: 0, or -1 when a byte of it is not mapped. */
-static int read_linear(const struct rr_step_ctl *c, uint64_t la, uint32_t n, uint64_t *value)
+/* Copy n bytes at linear address la out of guest memory: 0, or -1 when a byte of it is not in RAM. */
+int rr_copy_linear(const struct rr_step_ctl *c, uint64_t la, uint32_t n, uint8_t *out)
 {
-    uint8_t b[8];
     uint32_t got = 0;
     while (got < n) {
         uint64_t pa;
@@ -476,9 +480,18 @@ static int read_linear(const struct rr_step_ctl *c, uint64_t la, uint32_t n, uin
             run = n - got;
         if (pa + run > c->mem_size)
             return -1;
-        memcpy(b + got, c->mem + pa, run);
+        memcpy(out + got, c->mem + pa, run);
         got += run;
     }
+    return 0;
+}
+
+/* Read n <= 8 bytes at linear address la: 0, or -1 when a byte of it is not mapped. */
+static int read_linear(const struct rr_step_ctl *c, uint64_t la, uint32_t n, uint64_t *value)
+{
+    uint8_t b[8];
+    if (rr_copy_linear(c, la, n, b) < 0)
+        return -1;
     *value = 0;
     memcpy(value, b, n);
     return 0;
@@ -787,12 +800,14 @@ int rr_step(int vcpu_fd, void *run_area, struct rr_step_ctl *c, struct rr_exit *
         if (r < 0)
             return r;
         uint32_t delivering = c->deliver_vector;
-        if (c->trace && (r = rr_trace_before(vcpu_fd, c->trace, c, delivering != 0)) < 0)
+        if (c->trace && (r = rr_trace_before(vcpu_fd, c->trace, c, delivering != 0, fetched)) < 0)
             return r;
         r = run_once(vcpu_fd, run, ex);
         if (r < 0)
             return r;
         if (r == RUN_KICKED) {
+            if (c->trace)
+                rr_trace_cancel(c->trace);  /* the step runs again, and is looked at again */
             c->reason = RR_STEP_KICK;   /* nothing ran: an interrupt to deliver is still queued */
             return 0;
         }

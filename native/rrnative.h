@@ -161,7 +161,7 @@ struct rr_trace {
     uint32_t rep, rep_elem, rep_old_ok;
     uint64_t rep_rdi, rep_rcx;
     uint8_t rep_old[8];
-    uint32_t reload_segments, software_int;
+    uint32_t reload_segments, software_int;   /* software_int: int n's vector + 1 */
 };
 
 /* The visited summary: a bit per rip hash, RR_VISITED_WORDS * 64 bits (rr_visited_bit). */

@@ -135,25 +135,6 @@ void rr_trace_count(struct rr_trace *t, const struct rr_step_ctl *c)
     }
 }
 
-/* Copy n bytes at linear la out of guest memory: 0, or -1 when a byte is not in RAM. */
-static int copy_linear(const struct rr_step_ctl *c, uint64_t la, uint32_t n, uint8_t *out)
-{
-    uint32_t got = 0;
-    while (got < n) {
-        uint64_t pa;
-        if (rr_translate(c, la + got, &pa) != 0)
-            return -1;
-        uint32_t run = 4096 - (uint32_t)((la + got) & 0xfff);
-        if (run > n - got)
-            run = n - got;
-        if (pa + run > c->mem_size)
-            return -1;
-        memcpy(out + got, c->mem + pa, run);
-        got += run;
-    }
-    return 0;
-}
-
 /*
  * A store of n bytes at linear la, as records split at page boundaries.
  * pending: the old bytes are read now and the new ones when the step has
@@ -258,8 +239,9 @@ static int is_rep_string_store(const cs_x86 *x)
  * Before the step (rr_step calls this right before KVM_RUN): the stores the
  * instruction at c->rip is about to make, and the stack below rsp.
  * delivering: the step delivers an interrupt; the instruction does not run.
+ * fetched: the bytes rr_step already read into c->insn (0: it did not look).
  */
-int rr_trace_before(int fd, struct rr_trace *t, struct rr_step_ctl *c, int delivering)
+int rr_trace_before(int fd, struct rr_trace *t, struct rr_step_ctl *c, int delivering, int fetched)
 {
     t->pending = t->pending_old = 0;
     t->rep = 0;
@@ -272,19 +254,17 @@ int rr_trace_before(int fd, struct rr_trace *t, struct rr_step_ctl *c, int deliv
         return -errno;
     uint64_t rsp = t->before.rsp;
     t->pre_la = (c->long_mode ? rsp & ~15ull : rsp) - PRE_BYTES;
-    t->pre_ok = copy_linear(c, t->pre_la, PRE_BYTES, t->pre) == 0;
+    t->pre_ok = rr_copy_linear(c, t->pre_la, PRE_BYTES, t->pre) == 0;
     if (delivering)
         return 0;
-    uint8_t code[16];
-    uint32_t n = 15;
-    while (n && copy_linear(c, c->rip, n, code) != 0)
-        n = n > 8 ? 8 : n > 4 ? 4 : n > 1 ? 1 : 0;   /* the instruction may end before an unmapped page */
+    if (fetched <= 0)
+        fetched = rr_fetch(c);     /* up to 15 bytes, as far as the pages are mapped */
     csh h = c->long_mode ? cs64 : cs32;
     cs_insn *insn = c->long_mode ? insn64 : insn32;
-    const uint8_t *p = code;
-    size_t size = n;
+    const uint8_t *p = c->insn;
+    size_t size = fetched > 0 ? (size_t)fetched : 0;
     uint64_t address = t->before.rip;
-    if (!n || !p_cs_disasm_iter(h, &p, &size, &address, insn)) {
+    if (!size || !p_cs_disasm_iter(h, &p, &size, &address, insn)) {
         t->undecoded++;
         return 0;
     }
@@ -303,11 +283,17 @@ int rr_trace_before(int fd, struct rr_trace *t, struct rr_step_ctl *c, int deliv
     case X86_INS_CALL:
         add_store(t, c, pos, rip, rsp - word, word, RR_WRITE_INSN, 0, 1, NULL);
         break;
-    case X86_INS_INT:
+    case X86_INS_INT:           /* its frame is recorded after the step, like an interrupt's */
+        t->software_int = (uint32_t)(x->operands[0].imm & 0xFF) + 1;
+        return 0;
     case X86_INS_INT3:
+        t->software_int = 3 + 1;
+        return 0;
     case X86_INS_INT1:
+        t->software_int = 1 + 1;
+        return 0;
     case X86_INS_INTO:
-        t->software_int = 1;    /* its frame is recorded after the step, like an interrupt's */
+        t->software_int = 4 + 1;
         return 0;
     case X86_INS_SWAPGS:
     case X86_INS_WRFSBASE:
@@ -330,7 +316,7 @@ int rr_trace_before(int fd, struct rr_trace *t, struct rr_step_ctl *c, int deliv
         uint64_t mask = x->addr_size == 4 ? 0xFFFFFFFFull : x->addr_size == 2 ? 0xFFFFull : ~0ull;
         t->rep_rdi = t->before.rdi & mask;
         t->rep_rcx = t->before.rcx & mask;
-        t->rep_old_ok = t->rep_elem <= 8 && copy_linear(c, t->rep_rdi, t->rep_elem, t->rep_old) == 0;
+        t->rep_old_ok = t->rep_elem <= 8 && rr_copy_linear(c, t->rep_rdi, t->rep_elem, t->rep_old) == 0;
         return 0;
     }
     for (uint8_t i = 0; i < x->op_count; i++) {
@@ -457,17 +443,7 @@ int rr_trace_after(int fd, struct rr_trace *t, struct rr_step_ctl *c, uint32_t d
         t->rep = 0;
         r = record_delivery(fd, t, c, fault - 1, RR_EVENT_EXCEPTION);
     } else if (t->software_int && software_landing && c->rip == software_landing) {
-        uint32_t vector = 3;
-        uint8_t code[2] = {0, 0};
-        if (copy_linear(c, t->step_rip, 2, code) == 0) {
-            if (code[0] == 0xCD)
-                vector = code[1];
-            else if (code[0] == 0xF1)
-                vector = 1;
-            else if (code[0] == 0xCE)
-                vector = 4;
-        }
-        r = record_delivery(fd, t, c, vector, RR_EVENT_SOFTWARE);
+        r = record_delivery(fd, t, c, t->software_int - 1, RR_EVENT_SOFTWARE);
     } else {
         finish_pending(t, c);
         if (t->rep)
@@ -488,12 +464,18 @@ int rr_trace_completed(int fd, struct rr_trace *t, struct rr_step_ctl *c)
     return rr_trace_after(fd, t, c, 0, 0, 0);
 }
 
+/* The step in flight will be looked at again before it runs (a kick stopped KVM_RUN first). */
+void rr_trace_cancel(struct rr_trace *t)
+{
+    t->pending = t->pending_old = 0;
+    t->rep = 0;
+    t->software_int = 0;
+}
+
 /* The step was not run by KVM (the engine ran or emulated it): its decoded stores are dropped. */
 void rr_trace_drop(struct rr_trace *t)
 {
     if (t->pending || t->rep)
         t->dropped++;
-    t->pending = t->pending_old = 0;
-    t->rep = 0;
-    t->software_int = 0;
+    rr_trace_cancel(t);
 }

@@ -107,12 +107,13 @@ class StepRecorder:
         """An in/out instruction completed: its port, size and value (the position is the one it ran at)."""
         from vmm.kvm import IoOut
         e = self._engine
-        regs = e.machine.vcpu.get_regs()
         pos = e.ctl.icount - 1
         out = isinstance(exit, IoOut)
         value = None
-        if exit.count == 1:
-            value = int.from_bytes(exit.data, "little") if out else regs.rax & ((1 << (8 * exit.size)) - 1)
+        if exit.count == 1 and out:
+            value = int.from_bytes(exit.data, "little")
+        elif exit.count == 1:       # what the completed `in` put in al/ax/eax
+            value = e.machine.vcpu.get_regs().rax & ((1 << (8 * exit.size)) - 1)
         self.io.append((pos, self.t.step_rip, exit.port, exit.size, value, int(out)))
         if self._previous_io is not None:
             self._previous_io(exit)
