@@ -33,7 +33,8 @@ examples:
   rrstub index race.rrr --scheduler tcp://127.0.0.1:8786
   rrstub query race.rrr who-wrote counter
 
-exit status: 0 indexed, 1 a segment failed or diverged, 2 bad arguments or recording
+exit status: 0 indexed; 1 no index was written (a segment failed or diverged, the cluster could not
+  be used, or an index exists and --rebuild was not given); 2 bad arguments or recording
 """
 
 QUERY_EPILOG = """\
@@ -56,7 +57,7 @@ positions: an instruction count, mN, or a marker's or label's name.
 
 examples:
   rrstub query race.rrr who-wrote counter
-  rrstub query race.rrr history counter --from m3 --to m4
+  rrstub query race.rrr history counter --from 100000 --to 200000
   rrstub query race.rrr calls increment --json
   rrstub query race.rrr sql "SELECT function, count(*) AS n FROM calls GROUP BY 1 ORDER BY n DESC LIMIT 5"
 
